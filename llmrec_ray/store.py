@@ -1,0 +1,268 @@
+"""Object storage addressed by URI: `file:///abs/dir` (or a plain path) and `s3://bucket/prefix`.
+
+Everything llmrec-ray keeps -- shards, catalogue, ledger, registry, checkpoints -- lives under one
+store root, addressed by keys relative to it ("interactions/period=1997-09-22/part-0.parquet").
+
+Writes of single objects are atomic: a reader sees the old bytes or the new bytes, never half.
+Locally that is write-to-temp + os.replace; on S3 a PUT is atomic by itself. Small JSON objects that
+several writers update (the ledger, the promoted pointer) use compare-and-swap: S3 conditional PUT
+(`If-Match: <etag>` / `If-None-Match: *`, 412 on conflict) or, locally, a file lock + etag check.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from llmrec_ray.config import StoreConfig
+
+
+class StoreError(RuntimeError):
+    """A store operation failed for a reason the caller should report (bad URI, missing key, ...)."""
+
+
+class ConflictError(StoreError):
+    """A conditional write lost a race: the object changed since it was read."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A JSON object together with the etag it was read at (None: the object does not exist)."""
+
+    value: Any
+    etag: Optional[str]
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+class Store:
+    """A store root. Use `Store.from_config(cfg.store)`; keys are '/'-separated and relative."""
+
+    def __init__(self, cfg: StoreConfig):
+        self.cfg = cfg
+        parsed = urlparse(cfg.uri)
+        if parsed.scheme in ("", "file"):
+            path = cfg.uri[len("file://"):] if parsed.scheme == "file" else cfg.uri
+            self.scheme = "file"
+            self.root = str(Path(os.path.expanduser(path)).resolve())
+            self.uri = f"file://{self.root}"
+        elif parsed.scheme == "s3":
+            if not parsed.netloc:
+                raise StoreError(f"store.uri={cfg.uri!r} has no bucket; use s3://bucket/prefix")
+            self.scheme = "s3"
+            self.bucket = parsed.netloc
+            self.prefix = parsed.path.strip("/")
+            self.root = f"{self.bucket}/{self.prefix}".rstrip("/")
+            self.uri = f"s3://{self.root}"
+        else:
+            raise StoreError(
+                f"store.uri={cfg.uri!r} has unsupported scheme {parsed.scheme!r}; use file:///path or s3://bucket/prefix"
+            )
+        self._fs: Optional[pafs.FileSystem] = None
+        self._s3 = None
+
+    @classmethod
+    def from_config(cls, cfg: StoreConfig) -> "Store":
+        return cls(cfg)
+
+    # --- addressing -------------------------------------------------------------------------------
+    def fs_path(self, key: str = "") -> str:
+        """Path of `key` for `self.fs` (pyarrow / Ray Data): '/abs/dir/key' or 'bucket/prefix/key'."""
+        key = key.strip("/")
+        return f"{self.root}/{key}" if key else self.root
+
+    def key_uri(self, key: str = "") -> str:
+        return f"{self.scheme}://{self.fs_path(key)}" if self.scheme == "s3" else f"file://{self.fs_path(key)}"
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = pafs.LocalFileSystem() if self.scheme == "file" else self._make_s3fs()
+        return self._fs
+
+    def _endpoint(self) -> Optional[str]:
+        return self.cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+    def _make_s3fs(self) -> pafs.S3FileSystem:
+        kwargs: dict[str, Any] = {"region": self.cfg.region}
+        endpoint = self._endpoint()
+        if endpoint:
+            parsed = urlparse(endpoint)
+            kwargs["endpoint_override"] = parsed.netloc or parsed.path
+            kwargs["scheme"] = parsed.scheme or "https"
+        if self.cfg.access_key_id and self.cfg.secret_access_key:
+            kwargs["access_key"] = self.cfg.access_key_id
+            kwargs["secret_key"] = self.cfg.secret_access_key
+        return pafs.S3FileSystem(**kwargs)
+
+    @property
+    def s3(self):
+        """A boto3 S3 client (S3 stores only): used for conditional writes, which pyarrow lacks."""
+        if self._s3 is None:
+            import boto3  # imported lazily: local stores never need it
+
+            kwargs: dict[str, Any] = {"region_name": self.cfg.region}
+            if self._endpoint():
+                kwargs["endpoint_url"] = self._endpoint()
+            if self.cfg.access_key_id and self.cfg.secret_access_key:
+                kwargs["aws_access_key_id"] = self.cfg.access_key_id
+                kwargs["aws_secret_access_key"] = self.cfg.secret_access_key
+            self._s3 = boto3.client("s3", **kwargs)
+        return self._s3
+
+    def _s3_key(self, key: str) -> str:
+        key = key.strip("/")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    # --- plain objects ----------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return self.fs.get_file_info(self.fs_path(key)).type == pafs.FileType.File
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            with self.fs.open_input_stream(self.fs_path(key)) as f:
+                return f.read()
+        except FileNotFoundError:
+            raise StoreError(f"{self.key_uri(key)} does not exist") from None
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Atomic: readers see the previous object or this one, never a partial write."""
+        if self.scheme == "s3":
+            self.s3.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data)
+            return
+        path = Path(self.fs_path(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def list(self, prefix: str = "", suffix: str = "") -> list[str]:
+        """Keys (relative to the root) of all objects under `prefix`, sorted; temp files excluded."""
+        base = self.fs_path(prefix)
+        info = self.fs.get_file_info(base)
+        if info.type == pafs.FileType.NotFound:
+            return []
+        if info.type == pafs.FileType.File:
+            return [prefix.strip("/")]
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        keys = []
+        for entry in self.fs.get_file_info(selector):
+            if entry.type != pafs.FileType.File or entry.base_name.startswith("."):
+                continue
+            key = entry.path[len(self.root):].lstrip("/")
+            if key.endswith(suffix):
+                keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.fs.delete_file(self.fs_path(key))
+        except FileNotFoundError:
+            pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.list(prefix):
+            self.delete(key)
+        if self.scheme == "file":
+            shutil.rmtree(self.fs_path(prefix), ignore_errors=True)
+
+    def move(self, src: str, dst: str) -> None:
+        """Copy then delete: the object is never absent from both places."""
+        self.write_bytes(dst, self.read_bytes(src))
+        self.delete(src)
+
+    # --- directories (checkpoints) ----------------------------------------------------------------
+    def upload_dir(self, local_dir: str | Path, prefix: str) -> None:
+        local_dir = Path(local_dir)
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self.write_bytes(f"{prefix.strip('/')}/{path.relative_to(local_dir).as_posix()}", path.read_bytes())
+
+    def download_dir(self, prefix: str, local_dir: str | Path) -> Path:
+        local_dir = Path(local_dir)
+        keys = self.list(prefix)
+        if not keys:
+            raise StoreError(f"{self.key_uri(prefix)} holds no files")
+        for key in keys:
+            dst = local_dir / key[len(prefix.strip("/")):].lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(self.read_bytes(key))
+        return local_dir
+
+    # --- JSON with compare-and-swap ---------------------------------------------------------------
+    def read_json(self, key: str) -> Versioned:
+        if self.scheme == "s3":
+            try:
+                resp = self.s3.get_object(Bucket=self.bucket, Key=self._s3_key(key))
+            except self.s3.exceptions.NoSuchKey:
+                return Versioned(None, None)
+            data = resp["Body"].read()
+            return Versioned(self._parse_json(key, data), resp["ETag"])
+        path = Path(self.fs_path(key))
+        if not path.is_file():
+            return Versioned(None, None)
+        data = path.read_bytes()
+        return Versioned(self._parse_json(key, data), _md5(data))
+
+    def _parse_json(self, key: str, data: bytes) -> Any:
+        try:
+            return json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.key_uri(key)} is not valid JSON ({exc}); restore it from a backup") from None
+
+    def put_json(self, key: str, value: Any, expected_etag: Optional[str]) -> str:
+        """Write `value` only if the object is still at `expected_etag` (None: must not exist yet).
+
+        Returns the new etag; raises ConflictError if another writer got there first.
+        """
+        data = json.dumps(value, indent=2, sort_keys=True).encode()
+        if self.scheme == "s3":
+            return self._s3_put_if(key, data, expected_etag)
+        path = Path(self.fs_path(key))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = path.parent / f".{path.name}.lock"
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = _md5(path.read_bytes()) if path.is_file() else None
+            if current != expected_etag:
+                raise ConflictError(
+                    f"{self.key_uri(key)} changed since it was read (expected etag {expected_etag}, found "
+                    f"{current}); another writer won -- re-read it and retry"
+                )
+            self.write_bytes(key, data)
+        return _md5(data)
+
+    def _s3_put_if(self, key: str, data: bytes, expected_etag: Optional[str]) -> str:
+        from botocore.exceptions import ClientError
+
+        cond = {"IfNoneMatch": "*"} if expected_etag is None else {"IfMatch": expected_etag}
+        try:
+            resp = self.s3.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data, **cond)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise ConflictError(
+                    f"{self.key_uri(key)} changed since it was read (expected etag {expected_etag}); "
+                    "another writer won -- re-read it and retry"
+                ) from None
+            raise
+        return resp["ETag"]

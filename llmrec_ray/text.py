@@ -1,0 +1,45 @@
+"""(user history, candidate item) -> the text pair the model reads.
+
+The candidate comes first and the history second, so truncation to `max_seq_len` cuts the *oldest*
+history items (history is written most-recent first), never the candidate. Titles and genres only:
+sequence length is the main cost lever on CPU (see README, benchmarks).
+
+    item_text("Toy Story (1995)", "Animation|Comedy")         -> "Toy Story (1995) | Animation, Comedy"
+    history_text([("Heat (1995)", 5.0), ("Jumanji (1995)", 2.0)]) -> "Heat (1995) rated 5 ; Jumanji (1995) rated 2"
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+EMPTY_HISTORY = "no history"
+
+
+def item_text(title: str, genres: Optional[str] = None, description: Optional[str] = None) -> str:
+    parts = [title.strip()]
+    if genres:
+        parts.append(", ".join(g for g in genres.split("|") if g))
+    if description:
+        parts.append(description.strip())
+    return " | ".join(parts)
+
+
+def history_text(items: Sequence[tuple[str, Optional[float]]]) -> str:
+    """`items` = (title, rating or None), most recent first. A None rating is an implicit event."""
+    if not items:
+        return EMPTY_HISTORY
+    return " ; ".join(title if rating is None else f"{title} rated {rating:g}" for title, rating in items)
+
+
+def tokenize_pairs(tokenizer, candidate_texts: list[str], history_texts: list[str], max_seq_len: int) -> dict:
+    """Fixed-length numpy batches: input_ids, attention_mask, token_type_ids, each (B, max_seq_len) int64."""
+    enc = tokenizer(
+        candidate_texts,
+        history_texts,
+        truncation="only_second",
+        max_length=max_seq_len,
+        padding="max_length",
+        return_tensors="np",
+        return_token_type_ids=True,
+    )
+    return {k: enc[k].astype("int64") for k in ("input_ids", "attention_mask", "token_type_ids")}
