@@ -1,0 +1,283 @@
+"""The `llmrec` command: one entry point for every stage. Every subcommand takes `--config FILE` and
+repeatable `--set section.key=value` overrides, validated by llmrec_ray.config.
+
+    llmrec data import movielens --store file:///tmp/s      import MovieLens-100K into weekly shards
+    llmrec data synth --set synth.num_events=1000000        synthetic drifting data at scale
+    llmrec data ingest                                      stream the first new week through Ray Data
+    llmrec train                                            one training round (no gate, no promotion)
+    llmrec round                                            ingest -> train -> evaluate -> gate -> promote
+    llmrec run --rounds K                                   K rounds + report table + PNG
+    llmrec models list | show V | promote V | rollback
+    llmrec serve                                            Ray Serve HTTP app on the promoted model
+    llmrec continuous                                       watch the store, run rounds when data lands
+    llmrec demo                                             the whole loop, end to end, with Serve up
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+from llmrec_ray.config import Config, load_config
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.num_workers=2 (repeatable)")
+    p.add_argument("--store", help="shorthand for --set store.uri=URI (file:///dir, a path, or s3://bucket/prefix)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="import, generate and inspect interaction shards")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    imp = data_sub.add_parser("import", help="import a real data set into time-ordered shards")
+    imp.add_argument("dataset", choices=["movielens", "synth"])
+    _common(imp)
+    _common(data_sub.add_parser("synth", help="generate synthetic drifting data (same as `data import synth`)"))
+    _common(data_sub.add_parser("status", help="list shards: consumed, new, quarantined"))
+    ing = data_sub.add_parser("ingest", help="stream the oldest new shard(s) through Ray Data and show examples")
+    ing.add_argument("--shards", type=int, default=1, help="how many new shards to stream")
+    _common(ing)
+
+    tr = sub.add_parser("train", help="one training round on the oldest new shards (no gate, no promotion)")
+    tr.add_argument("--shards", type=int, default=1)
+    tr.add_argument("--init-from", default="promoted",
+                    help="'promoted' (default), 'backbone', or a store URI of a Hugging Face export folder")
+    _common(tr)
+
+    _common(sub.add_parser("round", help="one incremental round: evaluate, train, gate, promote, commit"))
+    run = sub.add_parser("run", help="several rounds in a row, then a report table and plot")
+    run.add_argument("--rounds", type=int, required=True)
+    _common(run)
+
+    models = sub.add_parser("models", help="the model registry")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    _common(msub.add_parser("list"))
+    for name in ("show", "promote"):
+        p = msub.add_parser(name)
+        p.add_argument("version")
+        _common(p)
+    _common(msub.add_parser("rollback"))
+
+    _common(sub.add_parser("serve", help="serve the promoted model over HTTP (Ray Serve); Ctrl-C stops"))
+    _common(sub.add_parser("continuous", help="run rounds whenever enough new data lands; SIGTERM stops cleanly"))
+    demo = sub.add_parser("demo", help="the whole loop on MovieLens-100K with MiniLM, Serve up throughout")
+    demo.add_argument("--rounds", type=int, default=None, help="incremental rounds after the first (default from demo config)")
+    _common(demo)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    if getattr(args, "store", None):
+        overrides.append(f"store.uri={args.store}")
+    return load_config(args.config, overrides)
+
+
+def ensure_ray(cfg: Config) -> None:
+    """Attach to a cluster (cfg.ray.address / RAY_ADDRESS, as under `ray job submit`) or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # More logical CPUs than train workers, or Ray Data starves while the workers hold every CPU.
+        num_cpus = cfg.ray.num_cpus or max(4, cfg.train.num_workers * 2)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+
+
+def _store(cfg: Config):
+    from llmrec_ray.store import Store
+
+    return Store.from_config(cfg.store)
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# --- subcommands -----------------------------------------------------------------------------------
+def cmd_data(args, cfg: Config) -> int:
+    store = _store(cfg)
+    if args.data_command in ("import", "synth"):
+        dataset = "synth" if args.data_command == "synth" else args.dataset
+        if dataset == "movielens":
+            from llmrec_ray.datasets.movielens import import_movielens as do_import
+        else:
+            from llmrec_ray.datasets.synth import generate_synth as do_import
+        report = do_import(cfg, store)
+        print(f"imported {dataset}: {report.num_rows:,} rows in {report.num_shards} shards, {report.num_items:,} items, "
+              f"{report.seconds:.1f} s ({report.num_rows / max(report.seconds, 1e-9):,.0f} rows/s) -> {store.uri}")
+        return 0
+    from llmrec_ray.ledger import Ledger
+
+    ledger = Ledger(store)
+    ledger.refresh()
+    if args.data_command == "status":
+        for s in ledger.shards():
+            print(f"{s.key}  rows={s.num_rows:>6}  consumed_by={','.join(s.consumed_by) or '-'}")
+        quarantined = store.list("quarantine", suffix=".report.json")
+        print(f"{len(ledger.shards())} shards, {len(quarantined)} quarantined")
+        return 0
+    return _ingest_preview(cfg, store, ledger, args.shards)
+
+
+def _promoted_lineage(store) -> set[str]:
+    from llmrec_ray.registry import Registry
+
+    return Registry(store).lineage_of_promoted()
+
+
+def _ingest_preview(cfg: Config, store, ledger, num_shards: int) -> int:
+    from llmrec_ray import ingest
+
+    new = ledger.new_shards(_promoted_lineage(store))[:num_shards]
+    if not new:
+        print("no new shards: import data first (llmrec data import movielens)")
+        return 1
+    ensure_ray(cfg)
+    older = [s.key for s in ledger.shards() if s.period < new[0].period]
+    start = time.time()
+    ds = ingest.build_examples(cfg, store, [s.key for s in new], history_keys=older)
+    rows = ds.take_all()
+    seconds = time.time() - start
+    print(f"streamed {[s.key for s in new]} through Ray Data: {len(rows):,} examples in {seconds:.1f} s "
+          f"({len(rows) / max(seconds, 1e-9):,.0f} rows/s)")
+    for row in rows[:3]:
+        print(f"  label={row['label']:.0f}  candidate={row['candidate_text']!r}\n    history={row['history_text'][:160]!r}")
+    return 0
+
+
+def cmd_train(args, cfg: Config) -> int:
+    from llmrec_ray import ingest, train
+    from llmrec_ray.ledger import Ledger
+    from llmrec_ray.model import model_source
+    from llmrec_ray.registry import Registry
+
+    store = _store(cfg)
+    ledger = Ledger(store)
+    ledger.refresh()
+    registry = Registry(store)
+    new = ledger.new_shards(registry.lineage_of_promoted())[: args.shards]
+    if not new:
+        print("no new shards to train on")
+        return 1
+    init_uri = None
+    if args.init_from == "promoted":
+        init_uri = registry.promoted_model_uri()
+    elif args.init_from != "backbone":
+        init_uri = args.init_from
+    ensure_ray(cfg)
+    older = [s.key for s in ledger.shards() if s.period < new[0].period]
+    ds = ingest.build_examples(cfg, store, [s.key for s in new], history_keys=older, max_rows=cfg.data.max_rows_per_round)
+    ds = ingest.tokenize(ds, cfg, model_source(cfg.model))
+    train_ds, val_ds = ingest.split_by_time(ds, cfg.data.val_fraction)
+    result = train.run_training(cfg, train_ds, val_ds, init_uri, f"train-{int(time.time())}", store)
+    print(f"trained from {init_uri or 'the pretrained backbone'} on {[s.key for s in new]}")
+    _print({"export_dir": str(result.export_dir), "metrics": result.metrics})
+    return 0
+
+
+def cmd_round(args, cfg: Config) -> int:
+    from llmrec_ray.pipeline import run_round
+
+    ensure_ray(cfg)
+    report = run_round(cfg, _store(cfg))
+    _print(report.to_dict() if hasattr(report, "to_dict") else report)
+    return 0
+
+
+def cmd_run(args, cfg: Config) -> int:
+    from llmrec_ray.pipeline import run_rounds
+
+    ensure_ray(cfg)
+    run_rounds(cfg, _store(cfg), args.rounds)
+    return 0
+
+
+def cmd_models(args, cfg: Config) -> int:
+    from llmrec_ray.registry import Registry
+
+    registry = Registry(_store(cfg))
+    if args.models_command == "list":
+        promoted = registry.promoted()
+        current = promoted.value["version"] if promoted and promoted.value else None
+        for info in registry.list():
+            mark = "*" if info["version"] == current else " "
+            print(f"{mark} {info['version']}  parent={info.get('parent') or '-':6}  "
+                  f"auc={info.get('metrics', {}).get('candidate_auc', float('nan')):.4f}  "
+                  f"decision={info.get('gate', {}).get('decision', '-')}  created={info.get('created_at', '-')}")
+        return 0
+    if args.models_command == "show":
+        _print(registry.show(args.version))
+        return 0
+    if args.models_command == "promote":
+        registry.promote(args.version)
+        print(f"promoted {args.version}")
+        return 0
+    version = registry.rollback()
+    print(f"rolled back: {version} is promoted again")
+    return 0
+
+
+def cmd_serve(args, cfg: Config) -> int:
+    from llmrec_ray.serve import run_serve
+
+    ensure_ray(cfg)
+    run_serve(cfg, blocking=True)
+    return 0
+
+
+def cmd_continuous(args, cfg: Config) -> int:
+    from llmrec_ray.continuous import run_continuous
+
+    ensure_ray(cfg)
+    run_continuous(cfg, _store(cfg))
+    return 0
+
+
+def cmd_demo(args, cfg: Config) -> int:
+    from llmrec_ray.demo import run_demo
+
+    return run_demo(args, cfg)
+
+
+COMMANDS: dict[str, Callable] = {
+    "data": cmd_data, "train": cmd_train, "round": cmd_round, "run": cmd_run, "models": cmd_models,
+    "serve": cmd_serve, "continuous": cmd_continuous, "demo": cmd_demo,
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        cfg = config_from_args(args) if args.command != "demo" else None
+        return COMMANDS[args.command](args, cfg)
+    except ValueError as exc:  # config and input errors: the message names the field and the fix
+        print(f"llmrec: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from llmrec_ray.store import ConflictError, StoreError
+
+        if isinstance(exc, (ConflictError, StoreError)):
+            print(f"llmrec: error: {exc}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
