@@ -17,9 +17,9 @@ EMPTY_HISTORY = "no history"
 
 def item_text(title: str, genres: Optional[str] = None, description: Optional[str] = None) -> str:
     parts = [title.strip()]
-    if genres:
+    if isinstance(genres, str) and genres:  # None / NaN (missing in Parquet) mean "no genres"
         parts.append(", ".join(g for g in genres.split("|") if g))
-    if description:
+    if isinstance(description, str) and description:
         parts.append(description.strip())
     return " | ".join(parts)
 

@@ -1,0 +1,190 @@
+"""Ray Data ingest: interaction shards -> one example per (user, candidate item) -> token batches.
+
+An example's history is the user's events strictly before the event's timestamp (never the future,
+never the event itself), most recent first, at most cfg.data.history_len items; earlier events of the
+same period count, as they would for a served request. Rows of `target_keys` become examples; a
+seeded sample of `replay_keys` rows (cfg.data.replay_ratio per new row) is replayed against
+forgetting. Positive-only data (every target label is 1, e.g. purchase logs) gets
+cfg.data.negatives_per_positive sampled negatives: random catalogue items the user never touched.
+
+`examples_frame` is the pure pandas path (evaluation, tests); `build_examples` runs the same
+per-user function in a Ray Data pipeline (read_parquet -> groupby(user_id).map_groups).
+"""
+
+from __future__ import annotations
+
+import io
+from bisect import bisect_left
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from llmrec_ray.config import Config
+from llmrec_ray.schema import CATALOG_KEY
+from llmrec_ray.text import history_text, item_text, tokenize_pairs
+
+EXAMPLE_COLUMNS = ["user_id", "item_id", "timestamp", "label", "candidate_text", "history_text", "is_replay"]
+TOKEN_COLUMNS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def load_catalog(store) -> pd.DataFrame:
+    if not store.exists(CATALOG_KEY):
+        raise ValueError(f"no catalogue at {store.key_uri(CATALOG_KEY)}; import data first (llmrec data import ...)")
+    return pq.read_table(io.BytesIO(store.read_bytes(CATALOG_KEY))).to_pandas().set_index("item_id")
+
+
+def item_texts(catalog: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """item_id -> (candidate text, short title for histories)."""
+    desc = catalog["description"] if "description" in catalog else pd.Series(None, index=catalog.index)
+    return {i: (item_text(t, g, d), t) for i, t, g, d in zip(catalog.index, catalog["title"], catalog["genres"], desc)}
+
+
+def _uniform(df: pd.DataFrame, salt: int) -> np.ndarray:
+    """A deterministic number in [0, 1) per event: seeded sampling that Ray and pandas paths agree on."""
+    keys = (df["user_id"].astype(str) + "|" + df["item_id"].astype(str) + "|" + df["timestamp"].astype(str)).astype(object)
+    h = pd.util.hash_array(keys.to_numpy(dtype=object), hash_key=f"llmrec{salt % 10**10:010d}")
+    return h.astype(np.float64) / 2.0**64
+
+
+def _row_count(store, keys: Sequence[str]) -> int:
+    return sum(pq.read_metadata(io.BytesIO(store.read_bytes(k))).num_rows for k in keys) if keys else 0
+
+
+def sampling_rates(cfg: Config, store, target_keys, replay_keys, max_rows: Optional[int]) -> tuple[float, float]:
+    """(keep probability for target rows, keep probability for replay rows)."""
+    n_target = _row_count(store, target_keys)
+    keep = 1.0 if not max_rows or n_target <= max_rows else max_rows / n_target
+    n_replay_pool = _row_count(store, replay_keys)
+    replay = 0.0 if not n_replay_pool else min(1.0, cfg.data.replay_ratio * n_target * keep / n_replay_pool)
+    return keep, replay
+
+
+def mark_rows(df: pd.DataFrame, target_paths: set[str], replay_paths: set[str], keep: float, replay: float,
+              seed: int) -> pd.DataFrame:
+    """Flag each event row: is_target (an example to build) and is_replay (an old row replayed)."""
+    u = _uniform(df, seed)
+    in_target = df["_path"].isin(target_paths).to_numpy()
+    in_replay = df["_path"].isin(replay_paths).to_numpy()
+    df = df.copy()
+    df["is_replay"] = in_replay & (u < replay)
+    df["is_target"] = (in_target & (u < keep)) | df["is_replay"].to_numpy()
+    return df
+
+
+def user_examples(events: pd.DataFrame, texts: dict, history_len: int, negatives: int, all_item_ids: np.ndarray,
+                  seed: int) -> pd.DataFrame:
+    """Examples for one user's events (any order in, flags is_target/is_replay set)."""
+    events = events.sort_values("timestamp", kind="stable")
+    ts = events["timestamp"].to_numpy()
+    items = events["item_id"].to_numpy()
+    ratings = events["rating"].to_numpy(dtype=np.float64, na_value=np.nan)
+    out = {c: [] for c in EXAMPLE_COLUMNS}
+    targets = np.flatnonzero(events["is_target"].to_numpy())
+    positive_only = negatives > 0 and len(targets) and (events["label"].to_numpy()[targets] == 1).all()
+    rng = np.random.default_rng(seed + (hash(str(events["user_id"].iloc[0])) % 2**31 if len(events) else 0))
+    seen = set(items)
+    for i in targets:
+        j = bisect_left(ts, ts[i])  # events strictly earlier than this one
+        past = [(texts[items[k]][1], None if np.isnan(ratings[k]) else float(ratings[k])) for k in range(j - 1, max(j - history_len, 0) - 1, -1)]
+        hist = history_text(past)
+        cands = [(items[i], float(events["label"].iloc[i]))]
+        if positive_only:
+            pool = all_item_ids[~np.isin(all_item_ids, list(seen))]
+            if len(pool):
+                cands += [(c, 0.0) for c in rng.choice(pool, size=min(negatives, len(pool)), replace=False)]
+        for item_id, label in cands:
+            out["user_id"].append(events["user_id"].iloc[i])
+            out["item_id"].append(item_id)
+            out["timestamp"].append(int(ts[i]))
+            out["label"].append(label)
+            out["candidate_text"].append(texts[item_id][0])
+            out["history_text"].append(hist)
+            out["is_replay"].append(bool(events["is_replay"].iloc[i]))
+    frame = pd.DataFrame(out, columns=EXAMPLE_COLUMNS)
+    return frame.astype({"label": np.float32, "timestamp": np.int64, "is_replay": bool})
+
+
+def _read_events(store, keys: Sequence[str]) -> pd.DataFrame:
+    frames = []
+    for key in keys:
+        df = pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
+        df["_path"] = store.fs_path(key)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def examples_frame(cfg: Config, store, target_keys: Sequence[str], history_keys: Sequence[str] = (),
+                   replay_keys: Sequence[str] = (), max_rows: Optional[int] = None) -> pd.DataFrame:
+    """Pure pandas: the same examples `build_examples` produces, as a DataFrame sorted by time."""
+    catalog = load_catalog(store)
+    keys = list(dict.fromkeys([*history_keys, *replay_keys, *target_keys]))
+    keep, replay = sampling_rates(cfg, store, target_keys, replay_keys, max_rows)
+    events = mark_rows(_read_events(store, keys), {store.fs_path(k) for k in target_keys},
+                       {store.fs_path(k) for k in replay_keys}, keep, replay, cfg.data.seed)
+    texts, ids = item_texts(catalog), catalog.index.to_numpy()
+    parts = [user_examples(g, texts, cfg.data.history_len, cfg.data.negatives_per_positive, ids, cfg.data.seed)
+             for _, g in events.groupby("user_id", sort=False) if g["is_target"].any()]
+    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+
+
+def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys: Sequence[str] = (),
+                   replay_keys: Sequence[str] = (), max_rows: Optional[int] = None):
+    """The Ray Data pipeline: read the shards, flag targets/replay, build examples per user."""
+    import ray
+
+    if not target_keys:
+        raise ValueError("build_examples needs at least one target shard")
+    catalog = load_catalog(store)
+    texts, ids = item_texts(catalog), catalog.index.to_numpy()
+    keys = list(dict.fromkeys([*history_keys, *replay_keys, *target_keys]))
+    keep, replay = sampling_rates(cfg, store, target_keys, replay_keys, max_rows)
+    targets, replays = {store.fs_path(k) for k in target_keys}, {store.fs_path(k) for k in replay_keys}
+    ds = ray.data.read_parquet([store.fs_path(k) for k in keys], filesystem=store.fs, include_paths=True,
+                               partitioning=None)
+
+    def flag(batch: pd.DataFrame) -> pd.DataFrame:
+        batch = batch.rename(columns={"path": "_path"})
+        return mark_rows(batch, targets, replays, keep, replay, cfg.data.seed)
+
+    def per_user(group: pd.DataFrame) -> pd.DataFrame:
+        if not group["is_target"].any():
+            return pd.DataFrame(columns=EXAMPLE_COLUMNS).astype({"label": np.float32, "timestamp": np.int64, "is_replay": bool})
+        return user_examples(group, texts, cfg.data.history_len, cfg.data.negatives_per_positive, ids, cfg.data.seed)
+
+    ds = ds.map_batches(flag, batch_format="pandas")
+    return ds.groupby("user_id").map_groups(per_user, batch_format="pandas")
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, max_seq_len: int) -> dict:
+    from transformers import AutoTokenizer
+
+    if tokenizer_dir not in _TOKENIZERS:  # once per Ray worker process
+        _TOKENIZERS[tokenizer_dir] = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    enc = tokenize_pairs(_TOKENIZERS[tokenizer_dir], batch["candidate_text"].tolist(), batch["history_text"].tolist(), max_seq_len)
+    enc["label"] = batch["label"].to_numpy(np.float32)
+    enc["timestamp"] = batch["timestamp"].to_numpy(np.int64)
+    return enc
+
+
+def tokenize(ds, cfg: Config, tokenizer_dir: str):
+    """Adds fixed-length token columns; keeps only numeric columns (label, timestamp) for Ray Train."""
+    return ds.map_batches(_tokenize_batch, batch_format="pandas", batch_size=256,
+                          fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "max_seq_len": cfg.model.max_seq_len})
+
+
+def split_by_time(ds, val_fraction: float):
+    """(train, val): the latest `val_fraction` of rows by timestamp validate. Materialises `ds` once."""
+    ds = ds.materialize()
+    ts = np.sort(ds.select_columns(["timestamp"]).to_pandas()["timestamp"].to_numpy())
+    if len(ts) < 2:
+        raise ValueError(f"only {len(ts)} examples: too few to split into train and validation; add data or raise data.max_rows_per_round")
+    cut = ts[min(int(len(ts) * (1 - val_fraction)), len(ts) - 1)]
+    train = ds.filter(expr=f"timestamp < {int(cut)}")
+    val = ds.filter(expr=f"timestamp >= {int(cut)}")
+    return train, val
