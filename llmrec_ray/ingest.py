@@ -14,6 +14,7 @@ per-user function in a Ray Data pipeline (read_parquet -> groupby(user_id).map_g
 from __future__ import annotations
 
 import io
+import zlib
 from bisect import bisect_left
 from typing import Optional, Sequence
 
@@ -82,8 +83,8 @@ def user_examples(events: pd.DataFrame, texts: dict, history_len: int, negatives
     ratings = events["rating"].to_numpy(dtype=np.float64, na_value=np.nan)
     out = {c: [] for c in EXAMPLE_COLUMNS}
     targets = np.flatnonzero(events["is_target"].to_numpy())
-    positive_only = negatives > 0 and len(targets) and (events["label"].to_numpy()[targets] == 1).all()
-    rng = np.random.default_rng(seed + (hash(str(events["user_id"].iloc[0])) % 2**31 if len(events) else 0))
+    positive_only = negatives > 0  # the caller decided the data set has no negatives of its own
+    rng = np.random.default_rng([seed, zlib.crc32(str(events["user_id"].iloc[0]).encode()) if len(events) else 0])
     seen = set(items)
     for i in targets:
         j = bisect_left(ts, ts[i])  # events strictly earlier than this one
@@ -106,6 +107,17 @@ def user_examples(events: pd.DataFrame, texts: dict, history_len: int, negatives
     return frame.astype({"label": np.float32, "timestamp": np.int64, "is_replay": bool})
 
 
+def negatives_for(cfg: Config, store, target_keys: Sequence[str]) -> int:
+    """Sampled negatives per positive: cfg.data.negatives_per_positive when the new data is positive-only."""
+    if not cfg.data.negatives_per_positive:
+        return 0
+    for key in target_keys:
+        labels = pq.read_table(io.BytesIO(store.read_bytes(key)), columns=["label"]).column("label")
+        if labels.null_count < len(labels) and min(labels.to_pylist()) == 0:
+            return 0  # explicit negatives exist (ratings below the threshold, skipped impressions)
+    return cfg.data.negatives_per_positive
+
+
 def _read_events(store, keys: Sequence[str]) -> pd.DataFrame:
     frames = []
     for key in keys:
@@ -124,7 +136,8 @@ def examples_frame(cfg: Config, store, target_keys: Sequence[str], history_keys:
     events = mark_rows(_read_events(store, keys), {store.fs_path(k) for k in target_keys},
                        {store.fs_path(k) for k in replay_keys}, keep, replay, cfg.data.seed)
     texts, ids = item_texts(catalog), catalog.index.to_numpy()
-    parts = [user_examples(g, texts, cfg.data.history_len, cfg.data.negatives_per_positive, ids, cfg.data.seed)
+    negatives = negatives_for(cfg, store, target_keys)
+    parts = [user_examples(g, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
              for _, g in events.groupby("user_id", sort=False) if g["is_target"].any()]
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=EXAMPLE_COLUMNS)
     return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
@@ -142,6 +155,7 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
     keys = list(dict.fromkeys([*history_keys, *replay_keys, *target_keys]))
     keep, replay = sampling_rates(cfg, store, target_keys, replay_keys, max_rows)
     targets, replays = {store.fs_path(k) for k in target_keys}, {store.fs_path(k) for k in replay_keys}
+    negatives = negatives_for(cfg, store, target_keys)
     ds = ray.data.read_parquet([store.fs_path(k) for k in keys], filesystem=store.fs, include_paths=True,
                                partitioning=None)
 
@@ -152,7 +166,7 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
     def per_user(group: pd.DataFrame) -> pd.DataFrame:
         if not group["is_target"].any():
             return pd.DataFrame(columns=EXAMPLE_COLUMNS).astype({"label": np.float32, "timestamp": np.int64, "is_replay": bool})
-        return user_examples(group, texts, cfg.data.history_len, cfg.data.negatives_per_positive, ids, cfg.data.seed)
+        return user_examples(group, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
 
     ds = ds.map_batches(flag, batch_format="pandas")
     return ds.groupby("user_id").map_groups(per_user, batch_format="pandas")

@@ -100,13 +100,21 @@ class Ledger:
     def new_shards(self, lineage: set[str]) -> list[ShardInfo]:
         return [s for s in self.shards() if not set(s.consumed_by) & set(lineage)]
 
-    def commit(self, shard_keys: list[str], version: str, lineage: set[str]) -> None:
+    def etag(self) -> str | None:
+        """The ledger's current version tag: pass it to commit() to fail if anyone wrote since."""
+        return self._read()[1]
+
+    def commit(self, shard_keys: list[str], version: str, lineage: set[str], expected_etag: str | None = None) -> None:
         """Record that `version` (whose ancestors are `lineage`) learned `shard_keys`. Atomic (CAS).
 
-        Idempotent for the same version. ConflictError if a shard was already consumed by the lineage or
-        the ledger changed under us in a way that makes this commit invalid.
+        Idempotent for the same version. ConflictError if a shard was already consumed by the lineage, or
+        if `expected_etag` is given and the ledger changed since that snapshot (racing writers that read
+        the same snapshot: exactly one wins).
         """
         state, etag = self._read()
+        if expected_etag is not None and etag != expected_etag:
+            raise ConflictError(f"ledger changed since snapshot {expected_etag} (now {etag}); another round committed "
+                                f"first -- {version} does not commit")
         ancestors = set(lineage) - {version}
         for key in shard_keys:
             entry = state["shards"].get(key)

@@ -122,7 +122,7 @@ def conform_interactions(table: pa.Table) -> pa.Table:
 
 
 def _castable(col: pa.ChunkedArray, target: pa.DataType) -> bool:
-    if col.type == target:
+    if col.type == target or pa.types.is_null(col.type):  # an all-null column casts to any type
         return True
     numeric = pa.types.is_integer(target) or pa.types.is_floating(target)
     if numeric and (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
