@@ -13,10 +13,11 @@ GET /v1/model and in the `llmrec_failed_loads_total` metric. `reconfigure({"pinn
 (a declarative `user_config` change) pins a version; `{"pinned_version": null}` follows the pointer again.
 """
 
-from __future__ import annotations
+
 
 import asyncio
 import hmac
+import json
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Any, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from llmrec_ray.config import Config, config_from_dict, load_config
@@ -231,7 +232,6 @@ class Scorer:
 
 
 # --- HTTP ingress ------------------------------------------------------------------------------------------
-_INGRESS: dict = {}
 fastapi_app = FastAPI(title="llmrec-ray", description="LLM-backbone recommender on Ray Serve, hot-swapping the promoted model")
 
 
@@ -241,54 +241,19 @@ def _error(status: int, message: str) -> JSONResponse:
 
 @fastapi_app.exception_handler(RequestValidationError)
 async def _validation_handler(request: Request, exc: RequestValidationError):
+    return _error(422, "invalid request: " + _explain(exc.errors()))
+
+
+def _explain(errors) -> str:
     problems = []
-    for e in exc.errors()[:5]:
+    for e in list(errors)[:5]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
         problems.append(f"{loc or 'body'}: {e.get('msg')}")
-    ingress = _INGRESS.get("api")
-    if ingress is not None:
-        ingress.failures[(request.url.path, 422)] += 1
-    return _error(422, "invalid request: " + "; ".join(problems))
+    return "; ".join(problems)
 
 
-@fastapi_app.exception_handler(ClientError)
-async def _client_error_handler(request: Request, exc: ClientError):
-    ingress = _INGRESS.get("api")
-    if ingress is not None:
-        ingress.failures[(request.url.path, exc.status)] += 1
-    return _error(exc.status, exc.message)
-
-
-@fastapi_app.middleware("http")
-async def _guard(request: Request, call_next):
-    ingress = _INGRESS.get("api")
-    if ingress is None:
-        return await call_next(request)
-    path = request.url.path
-    ingress.requests[path] += 1
-    if path.startswith("/v1/") or path == "/metrics":
-        if ingress.auth_token:
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {ingress.auth_token}".encode()):
-                ingress.failures[(path, 401)] += 1
-                return JSONResponse(status_code=401, content={"error": "missing or wrong bearer token"},
-                                    headers={"WWW-Authenticate": "Bearer"})
-    if request.method == "POST":
-        limit = ingress.cfg.serve.max_body_bytes
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            ingress.failures[(path, 413)] += 1
-            return _error(413, f"request body is {length} bytes; serve.max_body_bytes={limit}")
-        body = await request.body()
-        if len(body) > limit:
-            ingress.failures[(path, 413)] += 1
-            return _error(413, f"request body is {len(body)} bytes; serve.max_body_bytes={limit}")
-    try:
-        return await call_next(request)
-    except Exception as exc:  # never a traceback to the client
-        log.exception("llmrec serve: internal error on %s", path)
-        ingress.failures[(path, 500)] += 1
-        return _error(500, f"internal error: {type(exc).__name__}")
+def _body_doc(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
 
 
 @serve.deployment(name="Api", max_ongoing_requests=512)
@@ -315,7 +280,6 @@ class Api:
         self.titles = self.catalog["title"].to_dict()
         self.texts = {iid: item_text(r.title, r.genres, r.description) for iid, r in self.catalog.iterrows()}
         self.genres = {iid: set(str(g).split("|")) if isinstance(g, str) else set() for iid, g in self.catalog["genres"].items()}
-        _INGRESS["api"] = self  # the middleware/handlers of this replica process
         self._pd = pd
 
     # --- input handling ---
@@ -373,16 +337,67 @@ class Api:
         return res
 
     # --- routes ---
-    @fastapi_app.post("/v1/score", response_model=ScoreResponse)
-    async def score(self, req: ScoreRequest) -> ScoreResponse:
+    # --- request plumbing: auth, size, JSON, validation, counting (per replica, on self) ---
+    def _auth(self, request: Request) -> None:
+        if self.auth_token:
+            got = request.headers.get("authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.auth_token}".encode()):
+                raise ClientError(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+
+    async def _parse(self, request: Request, model):
+        limit = self.cfg.serve.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ClientError(413, f"request body is {length} bytes; serve.max_body_bytes={limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise ClientError(413, f"request body is {len(body)} bytes; serve.max_body_bytes={limit}")
+        try:
+            raw = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ClientError(400, f"body is not valid JSON: {exc}") from None
+        try:
+            return model.model_validate(raw)
+        except ValidationError as exc:
+            raise ClientError(422, "invalid request: " + _explain(exc.errors())) from None
+
+    async def _handle(self, request: Request, fn, *args, auth: bool = True):
+        path = request.url.path
+        self.requests[path] += 1
+        try:
+            if auth:
+                self._auth(request)
+            return await fn(*args)
+        except ClientError as exc:
+            self.failures[(path, exc.status)] += 1
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            return JSONResponse(status_code=exc.status, content={"error": exc.message}, headers=headers)
+        except Exception as exc:  # never a traceback to the client
+            log.exception("llmrec serve: internal error on %s", path)
+            self.failures[(path, 500)] += 1
+            return _error(500, f"internal error: {type(exc).__name__}")
+
+    # --- routes ---
+    @fastapi_app.post("/v1/score", response_model=ScoreResponse, openapi_extra=_body_doc(ScoreRequest))
+    async def score(self, request: Request):
+        async def go():
+            return await self._do_score(await self._parse(request, ScoreRequest))
+        return await self._handle(request, go)
+
+    @fastapi_app.post("/v1/recommend", response_model=RecommendResponse, openapi_extra=_body_doc(RecommendRequest))
+    async def recommend(self, request: Request):
+        async def go():
+            return await self._do_recommend(await self._parse(request, RecommendRequest))
+        return await self._handle(request, go)
+
+    async def _do_score(self, req: ScoreRequest) -> ScoreResponse:
         hist, _ = self._history(req.history)
         texts, keys = self._candidates(req.candidates)
         res = await self._score(texts, hist)
         return ScoreResponse(model_version=res["version"],
                              scores=[{**k, "probability": p} for k, p in zip(keys, res["probs"])])
 
-    @fastapi_app.post("/v1/recommend", response_model=RecommendResponse)
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+    async def _do_recommend(self, req: RecommendRequest) -> RecommendResponse:
         s = self.cfg.serve
         hist, seen = self._history(req.history)
         if req.pool == "all":
@@ -411,18 +426,25 @@ class Api:
                                  items=[{"item_id": i, "title": self.titles[i], "probability": p} for i, p in ranked])
 
     @fastapi_app.get("/v1/model")
-    async def model_info(self) -> dict:
-        return await self.scorer.info.remote()
+    async def model_info(self, request: Request):
+        async def go():
+            return await self.scorer.info.remote()
+        return await self._handle(request, go)
 
     @fastapi_app.get("/healthz")
-    async def healthz(self) -> dict:
-        info = await self.scorer.info.remote()
-        if not info.get("version"):
-            raise ClientError(503, "no model loaded")
-        return {"status": "ok", "version": info["version"]}
+    async def healthz(self, request: Request):
+        async def go():
+            info = await self.scorer.info.remote()
+            if not info.get("version"):
+                raise ClientError(503, "no model loaded")
+            return {"status": "ok", "version": info["version"]}
+        return await self._handle(request, go, auth=False)
 
     @fastapi_app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics(self) -> str:
+    async def metrics(self, request: Request):
+        return await self._handle(request, self._metrics_text)
+
+    async def _metrics_text(self):
         info = await self.scorer.info.remote()
         lines = ["# HELP llmrec_requests_total HTTP requests by path (this ingress replica)",
                  "# TYPE llmrec_requests_total counter"]
@@ -436,7 +458,7 @@ class Api:
                   "# TYPE llmrec_model_failed_loads_total counter", f"llmrec_model_failed_loads_total {info['failed_loads']}",
                   "# HELP llmrec_model_info The version being served", "# TYPE llmrec_model_info gauge",
                   f'llmrec_model_info{{version="{info["version"]}"}} 1']
-        return "\n".join(lines) + "\n"
+        return PlainTextResponse("\n".join(lines) + "\n")
 
 
 # --- building / running --------------------------------------------------------------------------------------

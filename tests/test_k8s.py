@@ -7,6 +7,7 @@ kubernetes-validate; the config, import path and job scripts they name must exis
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -48,7 +49,12 @@ def _crd_schema(kind: str, version: str) -> dict:
     path = _crd_dir() / CRD_FILES[kind]
     if not path.exists():
         pytest.skip(f"KubeRay CRDs not found at {path.parent}; set LLMREC_KUBERAY_CRDS to the folder of the CRD YAMLs")
-    crd = yaml.safe_load(path.read_text())
+    return _load_crd_schema(str(path), version)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_crd_schema(path: str, version: str) -> dict:
+    crd = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # ~1 MB files
     return next(v["schema"]["openAPIV3Schema"] for v in crd["spec"]["versions"] if v["name"] == version)
 
 
@@ -104,8 +110,9 @@ def test_custom_resources_match_kuberay_crds(rendered):
         for path, rule, value in _cel_rules(schema, doc):
             assert _cel_eval(rule["rule"], value), f"{overlay} {doc['kind']} {path}: {rule.get('message', rule['rule'])}"
             checked_rules += 1
-    # The only rules reachable from these resources read oldSelf (update-only) or need fields we do not set.
-    assert checked_rules >= 0
+    # Today no CEL rule applies to these manifests: the reachable ones read oldSelf (update-only, skipped) or sit
+    # on fields we do not set (deletionStrategy); test_cel_evaluator_rejects_a_bad_value proves the path works.
+    print(f"{overlay}: {checked_rules} CEL rules evaluated")
 
 
 def test_cel_evaluator_rejects_a_bad_value():
@@ -147,8 +154,9 @@ def test_pods_are_non_root_with_limits_and_secret_credentials(rendered):
 
 def _containers(doc: dict) -> list[dict]:
     spec = doc["spec"]
-    cluster = {"RayCluster": spec, "RayJob": spec.get("rayClusterSpec"), "RayService": spec.get("rayClusterConfig"),
-               "RayCronJob": spec["jobTemplate"].get("rayClusterSpec")}[doc["kind"]]
+    cluster = {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+               "RayService": lambda: spec["rayClusterConfig"],
+               "RayCronJob": lambda: spec["jobTemplate"]["rayClusterSpec"]}[doc["kind"]]()
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
 
