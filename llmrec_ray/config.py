@@ -41,6 +41,8 @@ class DataConfig(_Section):
     negatives_per_positive: int = Field(1, ge=0)  # sampled negatives, for positive-only (implicit) data
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # the latest fraction of new rows (by time) validates
     max_rows_per_round: Optional[int] = Field(None, ge=1)  # cap on new training rows (demo / CPU sizing)
+    first_round_shards: int = Field(4, ge=1)  # the first round learns this many of the oldest shards
+    shards_per_round: int = Field(1, ge=1)  # each incremental round learns this many new shards
     seed: int = 0
 
 

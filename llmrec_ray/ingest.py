@@ -168,8 +168,10 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
             return pd.DataFrame(columns=EXAMPLE_COLUMNS).astype({"label": np.float32, "timestamp": np.int64, "is_replay": bool})
         return user_examples(group, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
 
+    # Ray Data's default of 200 hash partitions is far too many for a small cluster; ~1 per 100k events.
+    num_partitions = max(2, min(64, _row_count(store, keys) // 100_000 + 2))
     ds = ds.map_batches(flag, batch_format="pandas")
-    return ds.groupby("user_id").map_groups(per_user, batch_format="pandas")
+    return ds.groupby("user_id", num_partitions=num_partitions).map_groups(per_user, batch_format="pandas")
 
 
 _TOKENIZERS: dict[str, object] = {}
