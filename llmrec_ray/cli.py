@@ -95,7 +95,9 @@ def ensure_ray(cfg: Config) -> None:
     else:
         # More logical CPUs than train workers, or Ray Data starves while the workers hold every CPU.
         num_cpus = cfg.ray.num_cpus or max(4, cfg.train.num_workers * 2)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env)
+        # Loopback only: a local Ray never needs to listen on the machine's network interfaces.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
+                 _node_ip_address="127.0.0.1")
 
 
 def _store(cfg: Config):

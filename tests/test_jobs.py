@@ -35,7 +35,8 @@ def ray_head(tmp_path_factory):
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the client must agree with the head
     temp_dir = Path("/tmp") / f"rayj{os.getpid()}{port}"  # short: Ray's socket paths have a length limit
     ray_bin = Path(sys.executable).parent / "ray"
-    cmd = [str(ray_bin), "start", "--head", "--num-cpus", "4", "--port", str(port), "--dashboard-host", "127.0.0.1",
+    cmd = [str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--num-cpus", "4", "--port", str(port),
+           "--dashboard-host", "127.0.0.1",
            "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent), "--temp-dir", str(temp_dir),
            "--block"]
     log = open(tmp_path / "ray-head.log", "w")
@@ -93,8 +94,6 @@ def _wait(client, job_id, timeout_s: float):
     return status, client.get_job_logs(job_id)
 
 
-@pytest.mark.xfail(strict=False, reason="06:35 run: Jobs API upload got 'Connection aborted' from the local "
-                   "dashboard on the loaded shared machine; unresolved, see the k8s helper's report")
 def test_import_job_writes_shards(ray_head, tmp_path):
     from ray.job_submission import JobStatus
 
@@ -106,9 +105,6 @@ def test_import_job_writes_shards(ray_head, tmp_path):
 
 
 def test_round_job_promotes_a_model(ray_head, tmp_path):
-    for module in ("pipeline", "registry", "train", "serve"):
-        if not (REPO / "llmrec_ray" / f"{module}.py").exists():
-            pytest.skip(f"llmrec_ray/{module}.py is not written yet")
     from ray.job_submission import JobStatus
 
     store = tmp_path / "store"
