@@ -22,8 +22,8 @@ DEMO_OVERRIDES = [
     "model.backbone=minilm",
     "model.max_seq_len=64",
     "data.history_len=5",
-    "data.max_rows_per_round=640",
-    "eval.max_rows=400",
+    "data.max_rows_per_round=480",
+    "eval.max_rows=240",
     "eval.num_negatives=49",
     "train.num_workers=2",
     "train.batch_size_per_worker=16",
@@ -68,8 +68,8 @@ def sample_requests(base_url: str, catalog) -> None:
             "candidates": [{"item_id": i} for i in ids[2:5]]}
     out = _get_json(f"{base_url}/v1/score", body)
     titles = [catalog.loc[i, "title"] for i in ids[2:5]]
-    scores = ", ".join(f"{t[:28]!r}: {s:.3f}" for t, s in zip(titles, out["scores"]))
-    print(f"  POST /v1/score -> version {out['version']}: {scores}")
+    scores = ", ".join(f"{t[:28]!r}: {s['probability']:.3f}" for t, s in zip(titles, out["scores"]))
+    print(f"   POST /v1/score -> model {out['model_version']}: {scores}")
 
 
 def run_demo(args, _cfg: Config | None = None) -> int:

@@ -184,17 +184,20 @@ def train_func(config: dict) -> None:
     if not restored:
         validate_and_report()  # step 0: the starting model is the first "best"
     started, stop = time.time(), False
+    step_seconds = 0.0  # forward + backward + optimizer only: throughput without validation and checkpoints
     for _epoch in range(cfg.train.max_epochs):
         for batch in train_shard.iter_torch_batches(batch_size=cfg.train.batch_size_per_worker, device=device, drop_last=True):
+            step_start = time.time()
             loss = _forward_loss(engine, batch, loss_fn)
             engine.backward(loss)
             engine.step()
+            step_seconds += time.time() - step_start
             state["samples"] += len(batch["label"])
             if not engine.is_gradient_accumulation_boundary():
                 continue
             state["step"] += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{state['samples'] / (time.time() - started):.1f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", samples_per_s=f"{state['samples'] / max(step_seconds, 1e-9):.1f}")
             if config.get("_kill_at_step") == state["step"] and rank == world - 1:
                 marker = Path(config["_kill_marker"])
                 if not marker.exists():  # only the first attempt dies: the replacement must finish
@@ -217,7 +220,7 @@ def train_func(config: dict) -> None:
         shutil.copytree(work_dir / "best-model", final_dir / "model")
     seconds = time.time() - started
     summary = {"steps": state["step"], "best_val_loss": state["best_val_loss"], "first_val_loss": state["first_val_loss"],
-               "train_seconds": seconds, "samples_per_s_per_worker": state["samples"] / max(seconds, 1e-9),
+               "train_seconds": seconds, "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
                "early_stopped": state["bad_evals"] >= cfg.train.patience, "lr": lr, "final": True,
                "resumed": bool(restored)}
     ray.train.report(summary, checkpoint=Checkpoint.from_directory(str(final_dir)))

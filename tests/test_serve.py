@@ -11,7 +11,14 @@ import pyarrow as pa
 import pytest
 import requests
 
-from conftest import free_port
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 POLL_S = 0.5
 
