@@ -93,8 +93,10 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # More logical CPUs than train workers, or Ray Data starves while the workers hold every CPU.
-        num_cpus = cfg.ray.num_cpus or max(4, cfg.train.num_workers * 2)
+        # Logical CPUs beyond the train workers' and the Serve replicas' own, or Ray Data's tasks starve
+        # ("backpressured ... ResourceBudget") while workers and replicas hold every CPU.
+        serve_cpus = 2 * cfg.serve.num_replicas * cfg.serve.num_cpus_per_replica
+        num_cpus = cfg.ray.num_cpus or int(cfg.train.num_workers * cfg.train.cpus_per_worker + serve_cpus + 4)
         # Loopback only: a local Ray never needs to listen on the machine's network interfaces.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
                  _node_ip_address="127.0.0.1")

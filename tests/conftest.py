@@ -119,11 +119,11 @@ def store_cfg(request, tmp_path):
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """One local Ray for the whole test session (more logical CPUs than train workers: Ray Data needs some)."""
+    """One local Ray for the whole test session: logical CPUs beyond the train workers and Serve replicas, or Ray Data starves."""
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="llmrec-ray-", dir="/tmp")  # short path: Ray's socket names are length-limited
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
              log_to_driver=False, runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
