@@ -88,7 +88,6 @@ class TrainConfig(_Section):
     eval_every_steps: int = Field(50, ge=1)
     patience: int = Field(3, ge=1)  # validations without improvement before early stopping
     bf16: bool = False  # GPU path; on CPU it was slower than fp32 here
-    carry_optimizer_state: bool = False  # see README: weights-only resume is topology-free
     max_failures: int = Field(1, ge=0)  # Ray Train restarts a round this often after a worker dies
     seed: int = 0
 

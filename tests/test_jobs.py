@@ -3,6 +3,7 @@ the Jobs API, the tiny synthetic config. Stopped by process group, never `ray st
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -112,4 +113,9 @@ def test_round_job_promotes_a_model(ray_head, tmp_path):
     job_id = _submit(ray_head, f"python jobs/import_data.py synth {args} && python jobs/round.py {args}")
     status, logs = _wait(ray_head, job_id, 900)
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert (store / "registry" / "promoted.json").is_file(), logs[-4000:]
+    # The round trained and registered a candidate; the gate decided (a 10-step tiny model may not beat
+    # chance, and then must NOT be promoted). The pointer exists exactly when the gate said promote.
+    info = json.loads((store / "registry" / "versions" / "v0001" / "version.json").read_text())
+    assert info["gate"]["decision"] in ("promote", "reject") and info["shards"], logs[-4000:]
+    assert (store / "registry" / "promoted.json").is_file() == (info["gate"]["decision"] == "promote"), info["gate"]
+    assert list((store / "ray-train").rglob("*.safetensors")), "Ray Train checkpoints are missing from the store"
