@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import zlib
-from bisect import bisect_left
 from typing import Optional, Sequence
 
 import numpy as np
@@ -24,9 +23,11 @@ import pyarrow.parquet as pq
 
 from llmrec_ray.config import Config
 from llmrec_ray.schema import CATALOG_KEY
-from llmrec_ray.text import history_text, item_text, tokenize_pairs
+from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_text, tokenize_pairs
 
 EXAMPLE_COLUMNS = ["user_id", "item_id", "timestamp", "label", "candidate_text", "history_text", "is_replay"]
+EXAMPLE_DTYPES = {"user_id": str, "item_id": str, "timestamp": np.int64, "label": np.float32,
+                  "candidate_text": str, "history_text": str, "is_replay": bool}
 TOKEN_COLUMNS = ["input_ids", "attention_mask", "token_type_ids"]
 
 
@@ -74,37 +75,91 @@ def mark_rows(df: pd.DataFrame, target_paths: set[str], replay_paths: set[str], 
     return df
 
 
+def _as_float(values) -> np.ndarray:
+    """Ratings as float64 with NaN for missing (None / pd.NA / NaN, from pandas or numpy batches)."""
+    return pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def examples_from_events(cols: dict, texts: dict, history_len: int, negatives: int, all_item_ids: np.ndarray,
+                         seed: int) -> dict[str, np.ndarray]:
+    """Examples for the events of any number of users, vectorised: numpy columns in, numpy columns out.
+
+    `cols` holds user_id, item_id, rating, label, timestamp, is_target, is_replay (any row order). An
+    example's history is its user's events with a strictly smaller timestamp (ties excluded), newest
+    first; events are ordered by (user, timestamp, item_id), so the result does not depend on input order.
+    """
+    users = np.asarray(cols["user_id"]).astype(str)
+    items = np.asarray(cols["item_id"]).astype(str)
+    ts = np.asarray(cols["timestamp"], dtype=np.int64)
+    order = np.lexsort((items, ts, users))
+    users, items, ts = users[order], items[order], ts[order]
+    ratings = _as_float(cols["rating"])[order]
+    labels = np.asarray(cols["label"], dtype=np.float32)[order]
+    is_target = np.asarray(cols["is_target"], dtype=bool)[order]
+    replayed = np.asarray(cols["is_replay"], dtype=bool)[order]
+    targets = np.flatnonzero(is_target)
+    if not len(targets):
+        return {c: np.array([], dtype=object if EXAMPLE_DTYPES[c] is str else EXAMPLE_DTYPES[c]) for c in EXAMPLE_COLUMNS}
+    missing = sorted(set(np.unique(items).tolist()) - texts.keys())
+    if missing:
+        raise ValueError(f"events reference item ids not in the catalogue: {missing[:5]}; run Ledger.refresh() "
+                         f"(it quarantines such shards) or add the items to {CATALOG_KEY}")
+    n = len(ts)
+    new_user = np.r_[True, users[1:] != users[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))  # first row of the row's user
+    new_time = new_user | np.r_[True, ts[1:] != ts[:-1]]
+    time_start = np.maximum.accumulate(np.where(new_time, np.arange(n), 0))  # first row of (user, timestamp)
+    hist_lo = np.maximum(time_start - history_len, user_start)
+    entries = [history_entry(texts[i][1], r) for i, r in zip(items, ratings)]
+    cache: dict[int, str] = {}
+    hists = []
+    for lo, hi in zip(hist_lo[targets].tolist(), time_start[targets].tolist()):
+        h = cache.get(hi)
+        if h is None:
+            h = cache[hi] = EMPTY_HISTORY if lo == hi else " ; ".join(reversed(entries[lo:hi]))
+        hists.append(h)
+    rows, cand, lab, hist = targets, items[targets], labels[targets], np.asarray(hists, dtype=object)
+    if negatives > 0:  # the caller decided the data set has no negatives of its own
+        neg_rows, neg_items, neg_hist = [], [], []
+        bounds = np.r_[np.flatnonzero(new_user), n]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            mine = np.flatnonzero(is_target[a:b]) + a
+            if not len(mine):
+                continue
+            pool = all_item_ids[~np.isin(all_item_ids, np.unique(items[a:b]))]
+            k = min(negatives, len(pool))
+            if not k:
+                continue
+            rng = np.random.default_rng([seed, zlib.crc32(users[a].encode())])
+            picks = [rng.choice(pool, size=k, replace=False) for _ in mine]
+            neg_rows.append(np.repeat(mine, k))
+            neg_items.append(np.concatenate(picks).astype(str))
+            neg_hist.append(np.repeat(hist[np.searchsorted(targets, mine)], k))
+        if neg_rows:
+            rows = np.concatenate([rows, *neg_rows])
+            cand = np.concatenate([cand, *neg_items])
+            lab = np.concatenate([lab, np.zeros(sum(len(r) for r in neg_rows), np.float32)])
+            hist = np.concatenate([hist, *neg_hist])
+    return {
+        "user_id": users[rows].astype(object),
+        "item_id": cand.astype(object),
+        "timestamp": ts[rows],
+        "label": lab.astype(np.float32),
+        "candidate_text": np.asarray([texts[i][0] for i in cand], dtype=object),
+        "history_text": hist.astype(object),
+        "is_replay": replayed[rows],
+    }
+
+
+def _frame(cols: dict) -> pd.DataFrame:
+    return pd.DataFrame(cols, columns=EXAMPLE_COLUMNS).astype(EXAMPLE_DTYPES)
+
+
 def user_examples(events: pd.DataFrame, texts: dict, history_len: int, negatives: int, all_item_ids: np.ndarray,
                   seed: int) -> pd.DataFrame:
-    """Examples for one user's events (any order in, flags is_target/is_replay set)."""
-    events = events.sort_values("timestamp", kind="stable")
-    ts = events["timestamp"].to_numpy()
-    items = events["item_id"].to_numpy()
-    ratings = events["rating"].to_numpy(dtype=np.float64, na_value=np.nan)
-    out = {c: [] for c in EXAMPLE_COLUMNS}
-    targets = np.flatnonzero(events["is_target"].to_numpy())
-    positive_only = negatives > 0  # the caller decided the data set has no negatives of its own
-    rng = np.random.default_rng([seed, zlib.crc32(str(events["user_id"].iloc[0]).encode()) if len(events) else 0])
-    seen = set(items)
-    for i in targets:
-        j = bisect_left(ts, ts[i])  # events strictly earlier than this one
-        past = [(texts[items[k]][1], None if np.isnan(ratings[k]) else float(ratings[k])) for k in range(j - 1, max(j - history_len, 0) - 1, -1)]
-        hist = history_text(past)
-        cands = [(items[i], float(events["label"].iloc[i]))]
-        if positive_only:
-            pool = all_item_ids[~np.isin(all_item_ids, list(seen))]
-            if len(pool):
-                cands += [(c, 0.0) for c in rng.choice(pool, size=min(negatives, len(pool)), replace=False)]
-        for item_id, label in cands:
-            out["user_id"].append(events["user_id"].iloc[i])
-            out["item_id"].append(item_id)
-            out["timestamp"].append(int(ts[i]))
-            out["label"].append(label)
-            out["candidate_text"].append(texts[item_id][0])
-            out["history_text"].append(hist)
-            out["is_replay"].append(bool(events["is_replay"].iloc[i]))
-    frame = pd.DataFrame(out, columns=EXAMPLE_COLUMNS)
-    return frame.astype({"label": np.float32, "timestamp": np.int64, "is_replay": bool})
+    """Examples for one or more users' events (a DataFrame with is_target/is_replay flags set)."""
+    cols = {c: events[c].to_numpy() for c in ("user_id", "item_id", "rating", "label", "timestamp", "is_target", "is_replay")}
+    return _frame(examples_from_events(cols, texts, history_len, negatives, all_item_ids, seed))
 
 
 def negatives_for(cfg: Config, store, target_keys: Sequence[str]) -> int:
@@ -137,9 +192,7 @@ def examples_frame(cfg: Config, store, target_keys: Sequence[str], history_keys:
                        {store.fs_path(k) for k in replay_keys}, keep, replay, cfg.data.seed)
     texts, ids = item_texts(catalog), catalog.index.to_numpy()
     negatives = negatives_for(cfg, store, target_keys)
-    parts = [user_examples(g, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
-             for _, g in events.groupby("user_id", sort=False) if g["is_target"].any()]
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    frame = user_examples(events, texts, cfg.data.history_len, negatives, ids, cfg.data.seed) if len(events) else _frame({})
     return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
 
 
@@ -163,15 +216,13 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
         batch = batch.rename(columns={"path": "_path"})
         return mark_rows(batch, targets, replays, keep, replay, cfg.data.seed)
 
-    def per_user(group: pd.DataFrame) -> pd.DataFrame:
-        if not group["is_target"].any():
-            return pd.DataFrame(columns=EXAMPLE_COLUMNS).astype({"label": np.float32, "timestamp": np.int64, "is_replay": bool})
-        return user_examples(group, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
+    def per_user(group: dict) -> dict:
+        return examples_from_events(group, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
 
     # Ray Data's default of 200 hash partitions is far too many for a small cluster; ~1 per 100k events.
     num_partitions = max(2, min(64, _row_count(store, keys) // 100_000 + 2))
     ds = ds.map_batches(flag, batch_format="pandas")
-    return ds.groupby("user_id", num_partitions=num_partitions).map_groups(per_user, batch_format="pandas")
+    return ds.groupby("user_id", num_partitions=num_partitions).map_groups(per_user, batch_format="numpy")
 
 
 _TOKENIZERS: dict[str, object] = {}

@@ -24,11 +24,16 @@ def item_text(title: str, genres: Optional[str] = None, description: Optional[st
     return " | ".join(parts)
 
 
+def history_entry(title: str, rating: Optional[float]) -> str:
+    """One past event; a None or NaN rating is an implicit event (click, view)."""
+    return title if rating is None or rating != rating else f"{title} rated {rating:g}"
+
+
 def history_text(items: Sequence[tuple[str, Optional[float]]]) -> str:
-    """`items` = (title, rating or None), most recent first. A None rating is an implicit event."""
+    """`items` = (title, rating or None), most recent first."""
     if not items:
         return EMPTY_HISTORY
-    return " ; ".join(title if rating is None else f"{title} rated {rating:g}" for title, rating in items)
+    return " ; ".join(history_entry(title, rating) for title, rating in items)
 
 
 def tokenize_pairs(tokenizer, candidate_texts: list[str], history_texts: list[str], max_seq_len: int) -> dict:
