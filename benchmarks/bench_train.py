@@ -4,8 +4,9 @@ out/bench_train.json. Target: Ray+DeepSpeed per-worker throughput >= 0.8x the pl
 
     .venv/bin/python benchmarks/bench_train.py [--backbone minilm] [--seq-len 128] [--steps 12] [--arms 0:1,1:1,1:2]
 
-Note the machine: with 2 cores, 2 workers share the cores the plain loop has to itself (per-worker
-throughput then halves by construction); the 1-worker arms are the like-for-like comparison.
+An arm is zero_stage:workers[:cpus_per_worker] (default 1 CPU). A Ray Train worker runs as many torch
+threads as CPUs it reserves, so each arm is compared with the plain loop at that thread count. On this
+2-core machine two 1-CPU workers fill the cores; one 2-CPU worker is the whole machine.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def frame(n: int) -> pd.DataFrame:
                          "label": rng.integers(0, 2, n).astype(np.float32), "timestamp": np.arange(n, dtype=np.int64)})
 
 
-def plain_loop(cfg, steps: int) -> float:
+def plain_loop(cfg, steps: int, threads: int) -> float:
+    torch.set_num_threads(threads)
     model, tokenizer = build_model(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01)
     df = frame(cfg.train.batch_size_per_worker)
@@ -51,20 +53,21 @@ def plain_loop(cfg, steps: int) -> float:
     return steps * cfg.train.batch_size_per_worker / (time.time() - start)
 
 
-def ray_arm(base: list[str], stage: int, workers: int, steps: int, tmp: str) -> dict:
+def ray_arm(base: list[str], stage: int, workers: int, cpus: int, steps: int, tmp: str) -> dict:
     import ray
 
     from llmrec_ray import ingest
     from llmrec_ray.train import run_training
 
     cfg = load_config(None, [*base, f"train.zero_stage={stage}", f"train.num_workers={workers}", f"train.max_steps={steps}",
+                             f"train.cpus_per_worker={cpus}",
                              f"train.eval_every_steps={steps}", f"store.uri={tmp}"])
     n = cfg.train.batch_size_per_worker * workers * steps
     tok = model_source(cfg.model)
     train = ingest.tokenize(ray.data.from_pandas(frame(n)), cfg, tok).materialize()
     val = ingest.tokenize(ray.data.from_pandas(frame(cfg.train.batch_size_per_worker * workers)), cfg, tok).materialize()
     res = run_training(cfg, train, val, None, f"bench-z{stage}-w{workers}-{int(time.time())}", Store.from_config(cfg.store))
-    return {"zero_stage": stage, "workers": workers, "samples_per_s_per_worker": round(res.metrics["samples_per_s_per_worker"], 2),
+    return {"zero_stage": stage, "workers": workers, "cpus_per_worker": cpus, "samples_per_s_per_worker": round(res.metrics["samples_per_s_per_worker"], 2),
             "train_seconds": round(res.metrics["train_seconds"], 1)}
 
 
@@ -74,27 +77,29 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--arms", default="0:1,1:1,2:1,0:2,1:2,2:2", help="zero_stage:workers, comma-separated")
+    p.add_argument("--arms", default="0:1,1:1,2:1,0:2,1:2,2:2,1:1:2", help="zero_stage:workers[:cpus_per_worker], comma-separated")
     args = p.parse_args()
     base = [f"model.backbone={args.backbone}", f"model.max_seq_len={args.seq_len}", f"train.batch_size_per_worker={args.batch}",
             "train.max_failures=0", "train.patience=100"]
     cfg = load_config(None, base)
-    plain = plain_loop(cfg, args.steps)
-    print(f"plain torch loop: {plain:.2f} samples/s")
+    arms = [tuple(map(int, a.split(":"))) + (1,) * (3 - len(a.split(":"))) for a in args.arms.split(",")]
+    plain = {}
+    for threads in sorted({cpus for _, _, cpus in arms}):
+        plain[threads] = plain_loop(cfg, args.steps, threads)
+        print(f"plain torch loop, {threads} thread(s): {plain[threads]:.2f} samples/s")
     ensure_ray(cfg)
     import tempfile
 
     results = []
-    for arm in args.arms.split(","):
-        stage, workers = map(int, arm.split(":"))
-        r = ray_arm(base, stage, workers, args.steps, tempfile.mkdtemp(prefix="bench-train-"))
-        r["vs_plain"] = round(r["samples_per_s_per_worker"] / plain, 2)
+    for stage, workers, cpus in arms:
+        r = ray_arm(base, stage, workers, cpus, args.steps, tempfile.mkdtemp(prefix="bench-train-"))
+        r["vs_plain_same_threads"] = round(r["samples_per_s_per_worker"] / plain[cpus], 2)
         print(json.dumps(r))
         results.append(r)
     out = Path("out/bench_train.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": "2 cores, 24 GiB, no GPU", "backbone": args.backbone, "seq_len": args.seq_len,
-                               "batch_per_worker": args.batch, "plain_samples_per_s": round(plain, 2), "arms": results}, indent=2))
+                               "batch_per_worker": args.batch, "plain_samples_per_s_by_threads": {t: round(v, 2) for t, v in plain.items()}, "arms": results}, indent=2))
     print(f"saved {out}")
 
 

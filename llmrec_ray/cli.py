@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 import time
 from typing import Callable, Optional
@@ -47,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--shards", type=int, default=1, help="how many new shards to stream")
     _common(ing)
 
-    tr = sub.add_parser("train", help="one training round on the oldest new shards (no gate, no promotion)")
+    tr = sub.add_parser("train", help="one training round on the oldest new shards; registers the result, unevaluated "
+                                      "and not promoted")
     tr.add_argument("--shards", type=int, default=1)
     tr.add_argument("--init-from", default="promoted",
-                    help="'promoted' (default), 'backbone', or a store URI of a Hugging Face export folder")
+                    help="'promoted' (default; the backbone when nothing is promoted), 'backbone', or a registry "
+                         "version (vNNNN): training continues on the shards that version's lineage has not learned")
     _common(tr)
 
     _common(sub.add_parser("round", help="one incremental round: evaluate, train, gate, promote, commit"))
@@ -168,29 +172,38 @@ def cmd_train(args, cfg: Config) -> int:
     from llmrec_ray import ingest, train
     from llmrec_ray.ledger import Ledger
     from llmrec_ray.model import model_source
-    from llmrec_ray.registry import Registry
+    from llmrec_ray.registry import Registry, model_prefix
 
     store = _store(cfg)
     ledger = Ledger(store)
     ledger.refresh()
-    registry = Registry(store)
-    new = ledger.new_shards(registry.lineage_of_promoted())[: args.shards]
+    registry = Registry(store, cfg.registry.keep_versions)
+    parent = registry.promoted_version() if args.init_from == "promoted" else None
+    if args.init_from not in ("promoted", "backbone"):
+        if not re.fullmatch(r"v\d{4,}", args.init_from):
+            raise ValueError(f"--init-from {args.init_from!r}: use 'promoted', 'backbone' or a registry version "
+                             f"such as v0001 (see: llmrec models list)")
+        parent = registry.show(args.init_from)["version"]  # RegistryError names the known versions
+    learned = registry.trained_shards(parent)
+    new = [s for s in ledger.new_shards(registry.lineage_of_promoted()) if s.key not in learned][: args.shards]
     if not new:
         print("no new shards to train on")
         return 1
-    init_uri = None
-    if args.init_from == "promoted":
-        init_uri = registry.promoted_model_uri()
-    elif args.init_from != "backbone":
-        init_uri = args.init_from
+    init_uri = store.key_uri(model_prefix(parent)) if parent else None
     ensure_ray(cfg)
     older = [s.key for s in ledger.shards() if s.period < new[0].period]
-    ds = ingest.build_examples(cfg, store, [s.key for s in new], history_keys=older, max_rows=cfg.data.max_rows_per_round)
+    ds = ingest.build_examples(cfg, store, [s.key for s in new], history_keys=older,
+                               replay_keys=[k for k in older if k in learned], max_rows=cfg.data.max_rows_per_round)
     ds = ingest.tokenize(ds, cfg, model_source(cfg.model))
     train_ds, val_ds = ingest.split_by_time(ds, cfg.data.val_fraction)
     result = train.run_training(cfg, train_ds, val_ds, init_uri, f"train-{int(time.time())}", store)
-    print(f"trained from {init_uri or 'the pretrained backbone'} on {[s.key for s in new]}")
-    _print({"export_dir": str(result.export_dir), "metrics": result.metrics})
+    version = registry.create_version(
+        result.export_dir, parent=parent, shards=[s.key for s in new], config=cfg.to_dict(),
+        metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+        gate={"decision": "unevaluated", "reason": "trained by `llmrec train`: no evaluation, no gate"})
+    print(f"trained {version} from {parent or 'the pretrained backbone'} on {[s.key for s in new]}")
+    _print({"version": version, "metrics": result.metrics})
+    print(f"next: llmrec train --init-from {version}   (continue)   |   llmrec models promote {version}   (serve it)")
     return 0
 
 
@@ -277,7 +290,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except Exception as exc:
         from llmrec_ray.store import ConflictError, StoreError
 
-        if isinstance(exc, (ConflictError, StoreError)):
+        from llmrec_ray.registry import RegistryError
+
+        if isinstance(exc, (ConflictError, StoreError, RegistryError)):
             print(f"llmrec: error: {exc}", file=sys.stderr)
             return 3
         raise

@@ -92,6 +92,10 @@ class Registry:
             version = self.show(version).get("parent")
         return out
 
+    def trained_shards(self, version: Optional[str]) -> set[str]:
+        """Every shard that `version` or one of its ancestors was trained on."""
+        return {s for v in self.lineage(version) for s in self.show(v).get("shards", [])}
+
     def lineage_of_promoted(self) -> set[str]:
         return self.lineage(self.promoted_version())
 

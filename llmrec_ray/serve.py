@@ -293,18 +293,23 @@ class Api:
         for i, h in enumerate(history):
             if isinstance(h, str):
                 h = HistoryItem(item_id=h)
+            items.append((self._text_of("history", i, h.item_id, h.text, self.titles), h.rating))
             if h.item_id is not None:
-                if h.item_id not in self.titles:
-                    raise ClientError(422, f"history[{i}].item_id: unknown item id {h.item_id!r}")
-                items.append((self.titles[h.item_id], h.rating))
                 ids.add(h.item_id)
-            elif h.text is not None:
-                if len(h.text) > s.max_text_chars:
-                    raise ClientError(422, f"history[{i}].text has {len(h.text)} characters; serve.max_text_chars={s.max_text_chars}")
-                items.append((h.text, h.rating))
-            else:
-                raise ClientError(422, f"history[{i}]: give item_id or text")
         return history_text(items), ids
+
+    def _text_of(self, field: str, i: int, item_id: Optional[str], text: Optional[str], known: dict) -> str:
+        """`field[i]` as text: the catalogue's entry for item_id, or the (length-checked) free text."""
+        if item_id is not None:
+            if item_id not in known:
+                raise ClientError(422, f"{field}[{i}].item_id: unknown item id {item_id!r}")
+            return known[item_id]
+        if text is not None:
+            if len(text) > self.cfg.serve.max_text_chars:
+                raise ClientError(422, f"{field}[{i}].text has {len(text)} characters; "
+                                       f"serve.max_text_chars={self.cfg.serve.max_text_chars}")
+            return text
+        raise ClientError(422, f"{field}[{i}]: give item_id or text")
 
     def _candidates(self, candidates: list) -> tuple[list[str], list[dict]]:
         s = self.cfg.serve
@@ -316,18 +321,8 @@ class Api:
         for i, c in enumerate(candidates):
             if isinstance(c, str):
                 c = Candidate(item_id=c)
-            if c.item_id is not None:
-                if c.item_id not in self.texts:
-                    raise ClientError(422, f"candidates[{i}].item_id: unknown item id {c.item_id!r}")
-                texts.append(self.texts[c.item_id])
-                keys.append({"item_id": c.item_id})
-            elif c.text is not None:
-                if len(c.text) > s.max_text_chars:
-                    raise ClientError(422, f"candidates[{i}].text has {len(c.text)} characters; serve.max_text_chars={s.max_text_chars}")
-                texts.append(c.text)
-                keys.append({"text": c.text})
-            else:
-                raise ClientError(422, f"candidates[{i}]: give item_id or text")
+            texts.append(self._text_of("candidates", i, c.item_id, c.text, self.texts))
+            keys.append({"item_id": c.item_id} if c.item_id is not None else {"text": c.text})
         return texts, keys
 
     async def _score(self, texts: list[str], hist: str) -> dict:

@@ -149,6 +149,8 @@ def train_func(config: dict) -> None:
     torch.manual_seed(cfg.train.seed)
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     device = torch.device(f"cuda:{ctx.get_local_rank()}") if cfg.train.use_gpu else torch.device("cpu")
+    if not cfg.train.use_gpu:  # intra-op threads = the worker's CPU reservation (Ray's OMP_NUM_THREADS, made explicit)
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
     model, tokenizer = _load_start_model(cfg, config["init_model_uri"])
     lr = cfg.train.lr_incremental if config["init_model_uri"] else cfg.train.lr_first

@@ -33,3 +33,10 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_train_init_from_is_checked(tmp_path, capsys):
+    assert main(["train", "--store", str(tmp_path), "--init-from", "latest"]) == 2
+    assert "--init-from 'latest'" in capsys.readouterr().err
+    assert main(["train", "--store", str(tmp_path), "--init-from", "v0042"]) == 3
+    assert "no version 'v0042'" in capsys.readouterr().err

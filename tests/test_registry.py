@@ -26,6 +26,7 @@ def test_create_promote_rollback(reg, tiny_export):
     v1 = reg.create_version(tiny_export, parent=None, shards=["s1"], metrics={"candidate_auc": 0.6})
     v2 = reg.create_version(tiny_export, parent=v1, shards=["s2"], metrics={"candidate_auc": 0.7})
     assert (v1, v2) == ("v0001", "v0002")
+    assert reg.trained_shards(v2) == {"s1", "s2"} and reg.trained_shards(v1) == {"s1"} and reg.trained_shards(None) == set()
     info = reg.show(v2)
     assert info["parent"] == v1 and info["shards"] == ["s2"] and "created_at" in info and "git_commit" in info
     reg.promote(v1)

@@ -46,7 +46,13 @@ def write_dataset(store, catalog: pd.DataFrame, events: pd.DataFrame, period_day
     events["_period"] = period_start(events["timestamp"], period_days)
     groups = list(events.groupby("_period", sort=True))
     for start_day, part in tqdm(groups, desc=desc, unit="shard", disable=not progress):
-        key = shard_key(dt.date(1970, 1, 1) + dt.timedelta(days=int(start_day)))
-        table = pa.Table.from_pandas(part[[f.name for f in INTERACTION_SCHEMA]], schema=INTERACTION_SCHEMA, preserve_index=False)
-        store.write_bytes(key, table_bytes(table))
+        write_shard(store, part, int(start_day))
     return ImportReport(len(events), len(groups), len(catalog), time.time() - started)
+
+
+def write_shard(store, events: pd.DataFrame, start_day: int) -> str:
+    """One period's events (already sorted by time) as the shard of the period starting at `start_day`."""
+    key = shard_key(dt.date(1970, 1, 1) + dt.timedelta(days=start_day))
+    table = pa.Table.from_pandas(events[[f.name for f in INTERACTION_SCHEMA]], schema=INTERACTION_SCHEMA, preserve_index=False)
+    store.write_bytes(key, table_bytes(table))
+    return key
