@@ -4,7 +4,7 @@
 
 Sized for a 2-core machine: every arm sees the same fixed user subsample -- users whose
 crc32(user_id) % user_mod == 0 -- imported into its own store (same weekly shards, same catalogue),
-MiniLM at 64 tokens with 5 history items, 1 Ray Train worker (DeepSpeed ZeRO-1). Evaluation weeks are
+MiniLM at 64 tokens with 5 history items, 2 Ray Train workers x 1 CPU (DeepSpeed ZeRO-1). Evaluation weeks are
 the last `--weeks` shards of the subsample with at least `--min-rows` rows. For eval week W:
 
   full        trained from the pretrained backbone on every shard before W (lr_first)
@@ -35,7 +35,7 @@ import pandas as pd
 from llmrec_ray.config import load_config
 from llmrec_ray.schema import CATALOG_KEY
 
-STUDY_OVERRIDES = ["model.backbone=minilm", "model.max_seq_len=64", "data.history_len=5", "train.num_workers=1",
+STUDY_OVERRIDES = ["model.backbone=minilm", "model.max_seq_len=64", "data.history_len=5", "train.num_workers=2",
                    "train.zero_stage=1", "train.batch_size_per_worker=16", "eval.num_negatives=49", "train.max_failures=0"]
 ARMS = ("incremental", "full", "frozen", "popularity", "mf")
 

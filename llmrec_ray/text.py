@@ -12,7 +12,10 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
+
 EMPTY_HISTORY = "no history"
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def item_text(title: str, genres: Optional[str] = None, description: Optional[str] = None) -> str:
@@ -37,14 +40,21 @@ def history_text(items: Sequence[tuple[str, Optional[float]]]) -> str:
 
 
 def tokenize_pairs(tokenizer, candidate_texts: list[str], history_texts: list[str], max_seq_len: int) -> dict:
-    """Fixed-length numpy batches: input_ids, attention_mask, token_type_ids, each (B, max_seq_len) int64."""
-    enc = tokenizer(
-        candidate_texts,
-        history_texts,
-        truncation="only_second",
-        max_length=max_seq_len,
-        padding="max_length",
-        return_tensors="np",
-        return_token_type_ids=True,
-    )
-    return {k: enc[k].astype("int64") for k in ("input_ids", "attention_mask", "token_type_ids")}
+    """Fixed-length numpy batches: input_ids, attention_mask, token_type_ids, each (B, max_seq_len) int64.
+
+    The history is truncated first; a candidate text that alone leaves no room for history (a long
+    free-text item at a short max_seq_len) is truncated too ("longest_first") instead of failing.
+    """
+    n = len(candidate_texts)
+    cand_len = np.fromiter((len(ids) for ids in tokenizer(list(candidate_texts), add_special_tokens=False)["input_ids"]),
+                           dtype=np.int64, count=n)
+    too_long = cand_len + tokenizer.num_special_tokens_to_add(pair=True) >= max_seq_len
+    out = {k: np.zeros((n, max_seq_len), dtype=np.int64) for k in TOKEN_KEYS}
+    for rows, strategy in ((np.flatnonzero(~too_long), "only_second"), (np.flatnonzero(too_long), "longest_first")):
+        if not len(rows):
+            continue
+        enc = tokenizer([candidate_texts[i] for i in rows], [history_texts[i] for i in rows], truncation=strategy,
+                        max_length=max_seq_len, padding="max_length", return_tensors="np", return_token_type_ids=True)
+        for k in TOKEN_KEYS:
+            out[k][rows] = enc[k]
+    return out

@@ -97,3 +97,17 @@ def test_minilm_wheel_is_found():
     from pathlib import Path
 
     assert (Path(minilm_dir()) / "config.json").is_file()
+
+
+def test_tokenize_pairs_cuts_history_first_and_survives_an_overlong_candidate(tiny_cfg):
+    from llmrec_ray.text import tokenize_pairs
+
+    _, tokenizer = build_model(tiny_cfg.model)
+    long_history = " ; ".join(f"Some Film {i} (1995) rated 4" for i in range(20))
+    overlong = "an item whose description alone is far longer than the sequence budget " * 4
+    enc = tokenize_pairs(tokenizer, ["great movie", overlong], [long_history, long_history], 24)
+    assert all(v.shape == (2, 24) and v.dtype == np.int64 for v in enc.values())
+    ids = enc["input_ids"]
+    assert tokenizer.decode(ids[0][enc["token_type_ids"][0] == 0], skip_special_tokens=True) == "great movie"
+    assert enc["attention_mask"].all()  # both rows fill the budget: history kept where it fits, no failure
+    assert (enc["token_type_ids"][1] == 1).any()  # the overlong candidate was cut, leaving room for some history
