@@ -30,7 +30,6 @@ import time
 import zlib
 from pathlib import Path
 
-import pandas as pd
 
 from llmrec_ray.config import load_config
 from llmrec_ray.schema import CATALOG_KEY
@@ -99,12 +98,11 @@ def evaluate_week(cfg, store, state: State, week: str, keys: list[str], names: d
     from llmrec_ray.baselines import BiasedMF, Popularity
     from llmrec_ray.evaluate import baseline_scorer, evaluate_all, model_scorer
     from llmrec_ray.ingest import examples_frame, item_texts, load_catalog
-    from llmrec_ray.ledger import read_shard
+    from llmrec_ray.pipeline import _events as pipeline_events
 
     before = keys[:keys.index(week)]
     frame = examples_frame(cfg, store, [week], history_keys=before)
-    history = pd.concat([read_shard(store, k).select(["user_id", "item_id", "label", "timestamp"]).to_pandas() for k in before],
-                        ignore_index=True)
+    history = pipeline_events(store, before)
     scorers = {arm: model_scorer(store.fs_path(f"study/models/{model}")) for arm, model in names.items()}
     scorers["popularity"] = baseline_scorer(Popularity().fit(history))
     scorers["mf"] = baseline_scorer(BiasedMF().fit(history))
