@@ -10,11 +10,12 @@ Unknown keys and wrong types raise ValueError naming the key, the bad value and 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -23,13 +24,21 @@ class _Section(BaseModel):
 
 
 class StoreConfig(_Section):
-    uri: str = "file://./llmrec-store"  # file:///abs/path, a plain path, or s3://bucket/prefix
+    uri: str = Field("file://./llmrec-store", validate_default=True)  # file:///abs/path, a plain path, or s3://bucket/prefix
     endpoint_url: Optional[str] = None  # S3-compatible endpoint, e.g. http://127.0.0.1:8333; None = AWS_ENDPOINT_URL or AWS
     region: str = "us-east-1"
     # Credentials: leave None to use the standard AWS chain (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
     # profiles, instance roles). Never commit real keys in a YAML file; k8s passes them from a Secret.
     access_key_id: Optional[str] = None
     secret_access_key: Optional[str] = None
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute_local_path(cls, uri: str) -> str:
+        """A relative local store is made absolute where the config is loaded: Ray workers run elsewhere (cwd)."""
+        if "://" in uri and not uri.startswith("file://"):
+            return uri
+        return "file://" + os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
 
 
 class DataConfig(_Section):

@@ -9,7 +9,7 @@ from llmrec_ray.cli import build_parser, config_from_args, main
 def test_overrides_and_store_shorthand(tmp_path):
     args = build_parser().parse_args(["round", "--store", str(tmp_path), "--set", "train.num_workers=3"])
     cfg = config_from_args(args)
-    assert cfg.store.uri == str(tmp_path) and cfg.train.num_workers == 3
+    assert cfg.store.uri == f"file://{tmp_path}" and cfg.train.num_workers == 3  # local paths are made absolute
 
 
 def test_bad_config_key_is_a_clear_error(capsys):

@@ -43,3 +43,9 @@ def test_round_trip_yaml(tmp_path):
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
     assert isinstance(cfg, Config)
+
+
+def test_relative_local_store_is_made_absolute(tmp_path, monkeypatch):
+    """Ray workers run in another cwd: a relative store path must not resolve there (make demo broke on it)."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, ["store.uri=rel-store"]).store.uri == f"file://{tmp_path}/rel-store"
