@@ -44,7 +44,14 @@ def tokenize_pairs(tokenizer, candidate_texts: list[str], history_texts: list[st
 
     The history is truncated first; a candidate text that alone leaves no room for history (a long
     free-text item at a short max_seq_len) is truncated too ("longest_first") instead of failing.
+    One tokenizer pass in the common case; the per-row length check runs only when a batch has such a row.
     """
+    try:
+        enc = _encode(tokenizer, candidate_texts, history_texts, max_seq_len, "only_second")
+    except Exception:  # noqa: BLE001 - fast tokenizers raise a bare Exception ("Truncation error: ...")
+        enc = None
+    if enc is not None and enc["input_ids"].shape == (len(candidate_texts), max_seq_len):
+        return {k: enc[k].astype(np.int64) for k in TOKEN_KEYS}
     n = len(candidate_texts)
     cand_len = np.fromiter((len(ids) for ids in tokenizer(list(candidate_texts), add_special_tokens=False)["input_ids"]),
                            dtype=np.int64, count=n)
@@ -53,8 +60,12 @@ def tokenize_pairs(tokenizer, candidate_texts: list[str], history_texts: list[st
     for rows, strategy in ((np.flatnonzero(~too_long), "only_second"), (np.flatnonzero(too_long), "longest_first")):
         if not len(rows):
             continue
-        enc = tokenizer([candidate_texts[i] for i in rows], [history_texts[i] for i in rows], truncation=strategy,
-                        max_length=max_seq_len, padding="max_length", return_tensors="np", return_token_type_ids=True)
+        enc = _encode(tokenizer, [candidate_texts[i] for i in rows], [history_texts[i] for i in rows], max_seq_len, strategy)
         for k in TOKEN_KEYS:
             out[k][rows] = enc[k]
     return out
+
+
+def _encode(tokenizer, candidates: list[str], histories: list[str], max_seq_len: int, truncation: str) -> dict:
+    return tokenizer(list(candidates), list(histories), truncation=truncation, max_length=max_seq_len,
+                     padding="max_length", return_tensors="np", return_token_type_ids=True)

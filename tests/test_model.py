@@ -111,3 +111,5 @@ def test_tokenize_pairs_cuts_history_first_and_survives_an_overlong_candidate(ti
     assert tokenizer.decode(ids[0][enc["token_type_ids"][0] == 0], skip_special_tokens=True) == "great movie"
     assert enc["attention_mask"].all()  # both rows fill the budget: history kept where it fits, no failure
     assert (enc["token_type_ids"][1] == 1).any()  # the overlong candidate was cut, leaving room for some history
+    alone = tokenize_pairs(tokenizer, ["great movie"], [long_history], 24)  # the one-pass path
+    assert all((alone[k][0] == enc[k][0]).all() for k in enc)
