@@ -1,5 +1,5 @@
 """Data-plane throughput: import (rows/s) and Ray Data ingest (examples/s) for MovieLens-100K and a
-1,000,000-event synthetic set. Prints a table and saves out/bench_data.json.
+1,000,000-event synthetic set. Prints a table and saves out/bench_data-<shuffle>.json.
 
     .venv/bin/python benchmarks/bench_data.py [--synth-events 1000000] [--ingest-shards 4]
 """
@@ -44,23 +44,26 @@ def bench_one(name: str, overrides: list[str], importer, ingest_shards: int) -> 
             "import_rows_per_s": round(rep.num_rows / rep.seconds), "ingest_target_rows": n_target_rows,
             "ingest_history_rows": rep.num_rows - n_target_rows, "examples": n_examples,
             "examples_s": round(examples_s, 1), "examples_per_s": round(n_examples / examples_s),
-            "tokenized_examples_per_s": round(n_tok / tok_s), "max_seq_len": cfg.model.max_seq_len}
+            "tokenized_examples_per_s": round(n_tok / tok_s), "max_seq_len": cfg.model.max_seq_len,
+            "shuffle": cfg.data.shuffle}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--synth-events", type=int, default=1_000_000)
     parser.add_argument("--ingest-shards", type=int, default=4, help="newest shards streamed as targets")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for both data sets, e.g. --set data.shuffle=hash")
     args = parser.parse_args()
     results = [
-        bench_one("movielens-100k", [], import_movielens, args.ingest_shards),
+        bench_one("movielens-100k", args.overrides, import_movielens, args.ingest_shards),
         bench_one(f"synth-{args.synth_events}", [f"synth.num_events={args.synth_events}", "synth.num_users=20000",
-                                                 "synth.num_items=5000", "data.dataset=synth"],
+                                                 "synth.num_items=5000", "data.dataset=synth", *args.overrides],
                   generate_synth, args.ingest_shards),
     ]
     for r in results:
         print(json.dumps(r))
-    out = Path("out/bench_data.json")
+    out = Path(f"out/bench_data-{results[0]['shuffle']}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": "2 cores, 24 GiB, no GPU", "results": results}, indent=2))
     print(f"saved {out}")

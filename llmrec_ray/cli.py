@@ -86,6 +86,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides)
 
 
+# Nothing is downloaded at run time: models come from installed packages or the store.
+LOCAL_WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def ensure_ray(cfg: Config) -> None:
     """Attach to a cluster (cfg.ray.address / RAY_ADDRESS, as under `ray job submit`) or start a local Ray."""
     import ray
@@ -93,17 +97,20 @@ def ensure_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}}
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # A local Ray's workers inherit this environment. Setting it here rather than in a runtime_env
+        # matters on small machines: workers with a runtime_env cannot come from Ray's prestarted pool,
+        # so every task and actor would start (and import) a second set of worker processes.
+        for key, value in LOCAL_WORKER_ENV.items():
+            os.environ.setdefault(key, value)
         # Logical CPUs beyond the train workers' and the Serve replicas' own, or Ray Data's tasks starve
         # ("backpressured ... ResourceBudget") while workers and replicas hold every CPU.
         serve_cpus = 2 * cfg.serve.num_replicas * cfg.serve.num_cpus_per_replica
         num_cpus = cfg.ray.num_cpus or int(cfg.train.num_workers * cfg.train.cpus_per_worker + serve_cpus + 4)
         # Loopback only: a local Ray never needs to listen on the machine's network interfaces.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=env,
-                 _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 def _store(cfg: Config):
@@ -198,7 +205,7 @@ def cmd_train(args, cfg: Config) -> int:
     train_ds, val_ds = ingest.split_by_time(ds, cfg.data.val_fraction)
     result = train.run_training(cfg, train_ds, val_ds, init_uri, f"train-{int(time.time())}", store)
     version = registry.create_version(
-        result.export_dir, parent=parent, shards=[s.key for s in new], config=cfg.to_dict(),
+        result.export_dir, parent=parent, shards=[s.key for s in new], config=cfg.to_dict(redact=True),
         metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         gate={"decision": "unevaluated", "reason": "trained by `llmrec train`: no evaluation, no gate"})
     print(f"trained {version} from {parent or 'the pretrained backbone'} on {[s.key for s in new]}")

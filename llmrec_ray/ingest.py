@@ -28,7 +28,6 @@ from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_text, tokenize_pa
 EXAMPLE_COLUMNS = ["user_id", "item_id", "timestamp", "label", "candidate_text", "history_text", "is_replay"]
 EXAMPLE_DTYPES = {"user_id": str, "item_id": str, "timestamp": np.int64, "label": np.float32,
                   "candidate_text": str, "history_text": str, "is_replay": bool}
-TOKEN_COLUMNS = ["input_ids", "attention_mask", "token_type_ids"]
 
 
 def load_catalog(store) -> pd.DataFrame:
@@ -200,6 +199,7 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
                    replay_keys: Sequence[str] = (), max_rows: Optional[int] = None):
     """The Ray Data pipeline: read the shards, flag targets/replay, build examples per user."""
     import ray
+    from ray.data.context import DataContext, ShuffleStrategy
 
     if not target_keys:
         raise ValueError("build_examples needs at least one target shard")
@@ -219,9 +219,14 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
     def per_user(group: dict) -> dict:
         return examples_from_events(group, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
 
+    ds = ds.map_batches(flag, batch_format="pandas")
+    ctx = DataContext.get_current()
+    if cfg.data.shuffle == "sort":
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        return ds.groupby("user_id").map_groups(per_user, batch_format="numpy")
+    ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     # Ray Data's default of 200 hash partitions is far too many for a small cluster; ~1 per 100k events.
     num_partitions = max(2, min(64, _row_count(store, keys) // 100_000 + 2))
-    ds = ds.map_batches(flag, batch_format="pandas")
     return ds.groupby("user_id", num_partitions=num_partitions).map_groups(per_user, batch_format="numpy")
 
 

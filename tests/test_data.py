@@ -161,13 +161,15 @@ def test_first_movielens_week_through_ray_data(ray_session, tmp_path):
     ledger.refresh()
     shards = ledger.shards()
     targets, older = [shards[2].key], [s.key for s in shards[:2]]
-    ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=older)
-    got = ds.to_pandas().sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
     want = ingest.examples_frame(cfg, store, targets, history_keys=older, replay_keys=older)
-    assert len(got) == len(want) > shards[2].num_rows  # new rows + replay
-    for col in ("user_id", "item_id", "history_text", "candidate_text"):
-        assert got[col].astype(str).tolist() == want[col].astype(str).tolist()
-    assert np.allclose(got["label"].to_numpy(), want["label"].to_numpy())
+    for shuffle in ("hash", "sort"):  # both groupby shuffles build the same examples as the pure-pandas path
+        shuffled = load_config(None, [f"store.uri={tmp_path}", f"data.shuffle={shuffle}"])
+        ds = ingest.build_examples(shuffled, store, targets, history_keys=older, replay_keys=older)
+        got = ds.to_pandas().sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
+        assert len(got) == len(want) > shards[2].num_rows, shuffle  # new rows + replay
+        for col in ("user_id", "item_id", "history_text", "candidate_text"):
+            assert got[col].astype(str).tolist() == want[col].astype(str).tolist(), (shuffle, col)
+        assert np.allclose(got["label"].to_numpy(), want["label"].to_numpy()), shuffle
     train, val = ingest.split_by_time(ingest.tokenize(ds, cfg, model_source(cfg.model)), 0.1)
     assert train.max("timestamp") < val.min("timestamp")
     batch = next(iter(train.iter_torch_batches(batch_size=8)))
