@@ -50,16 +50,30 @@ class RoundReport:
     round_seconds: float = 0.0
     eval_period: Optional[str] = None
     metrics: dict = field(default_factory=dict)  # {"prequential": {...}, "next": {name: {...}}, "old": {...}}
+    stage_seconds: dict = field(default_factory=dict)  # wall time per step: prepare, prequential, train, evaluate, commit
 
     def summary(self) -> str:
         nxt = self.metrics.get("next", {})
         cand, prev = nxt.get("candidate", {}), nxt.get("promoted", {})
         return (f"{','.join(s.split('=')[1][:10] for s in self.round_shards) or '-'}: {self.decision} "
                 f"{self.version or ''} ({self.reason}); rows={self.num_train_rows} train={self.train_seconds:.0f}s "
-                f"AUC candidate={cand.get('auc', float('nan')):.4f} promoted={prev.get('auc', float('nan')):.4f}")
+                f"AUC candidate={cand.get('auc', float('nan')):.4f} promoted={prev.get('auc', float('nan')):.4f}"
+                + (" | " + " ".join(f"{k}={v:.0f}s" for k, v in self.stage_seconds.items()) if self.stage_seconds else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class _Laps:
+    """Wall time of each step of a round, written into a RoundReport's stage_seconds."""
+
+    def __init__(self, into: dict, start: float):
+        self.into, self.last = into, start
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.into[name] = now - self.last
+        self.last = now
 
 
 def _frame(cfg: Config, store: Store, targets: list[str], older: list[str]) -> pd.DataFrame:
@@ -101,6 +115,12 @@ def gate(cfg: Config, cand: dict, prev: Optional[dict], forgetting: Optional[flo
     return True, f"auc {auc_c:.4f} vs promoted {auc_p:.4f} (tolerance {cfg.eval.gate_auc_tolerance})"
 
 
+def _rejected(registry: Registry, parent: Optional[str], shards: list[str], cfg: Config) -> bool:
+    """Did the gate already reject a candidate of this parent, these shards and this config?"""
+    return any(info.get("parent") == parent and info.get("shards") == shards and info.get("config") == cfg.to_dict(redact=True)
+               and info.get("gate", {}).get("decision") == "reject" for info in registry.list())
+
+
 def _find_approved(registry: Registry, parent: Optional[str], shards: list[str]) -> Optional[dict]:
     for info in reversed(registry.list()):
         if info.get("parent") == parent and info.get("shards") == shards and info.get("gate", {}).get("decision") == "promote":
@@ -138,6 +158,14 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
     if not new:
         return RoundReport(parent=parent, reason="no new shards", round_seconds=time.time() - started)
     take = cfg.data.shards_per_round if parent else cfg.data.first_round_shards
+    # Shards whose candidate the gate rejected are not dropped: the next round learns them together with
+    # the next shard(s). Retraining the very same shards with the same config would repeat the result.
+    while take < len(new) and _rejected(registry, parent, [s.key for s in new[:take]], cfg):
+        take += cfg.data.shards_per_round
+    if _rejected(registry, parent, [s.key for s in new[:take]], cfg):
+        return RoundReport(parent=parent, round_seconds=time.time() - started, decision="waiting",
+                           reason=f"the gate rejected a candidate trained on all {len(new)} new shards with this "
+                                  "config; waiting for more data (or change the config to retry)")
     round_shards = [s.key for s in new[:take]]
     next_shard = new[take].key if len(new) > take else None
     all_shards = ledger.shards()
@@ -147,12 +175,16 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
     catalog = load_catalog(store)
     texts = item_texts(catalog)
     parent_dir = registry.model_dir(parent, _cache_dir(store)) if parent else None
+    promoted_scorer = model_scorer(parent_dir) if parent_dir is not None else None  # loaded once per round
+    lap = _Laps(report.stage_seconds, started)
+    lap("prepare")
 
     # 2. prequential: the promoted model on the new data, before it learns it
     if parent_dir is not None:
         frame = _frame(cfg, store, round_shards, older)
-        report.metrics["prequential"] = evaluate_all({"promoted": model_scorer(parent_dir)}, frame, texts,
+        report.metrics["prequential"] = evaluate_all({"promoted": promoted_scorer}, frame, texts,
                                                      _events(store, older), cfg)["promoted"]
+        lap("prequential")
     if fail_at == "after_eval":
         raise InjectedFailure("after_eval")
 
@@ -164,6 +196,7 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
         result = train_fn(cfg, store, round_shards, older, learned, init_uri, run_name)
         report.num_train_rows = int(result.metrics.get("num_train_rows", 0))
         report.train_seconds = float(result.metrics.get("train_seconds", 0.0))
+        lap("train")
         if fail_at == "after_train":
             raise InjectedFailure("after_train")
 
@@ -176,7 +209,7 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
             eval_frame = eval_frame[eval_frame["timestamp"] >= eval_frame["timestamp"].quantile(1 - cfg.data.val_fraction)]
         history = _events(store, seen)
         scorers = {"candidate": model_scorer(result.export_dir),
-                   "promoted": model_scorer(parent_dir) if parent_dir is not None else None,
+                   "promoted": promoted_scorer,
                    "popularity": baseline_scorer(Popularity().fit(history)),
                    "mf": baseline_scorer(BiasedMF().fit(history))}
         report.metrics["next"] = evaluate_all(scorers, eval_frame, texts, history, cfg)
@@ -188,13 +221,15 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
             forgetting = report.metrics["old"]["promoted"]["auc"] - report.metrics["old"]["candidate"]["auc"]
         ok, reason = gate(cfg, report.metrics["next"]["candidate"], report.metrics["next"].get("promoted"), forgetting)
         report.decision, report.reason = ("promote" if ok else "reject"), reason
+        lap("evaluate")
         flat = {"candidate_auc": report.metrics["next"]["candidate"]["auc"], "forgetting": forgetting,
                 "num_train_rows": report.num_train_rows, "train": {k: v for k, v in result.metrics.items()
                                                                    if isinstance(v, (int, float, bool))}}
         report.version = registry.create_version(
-            result.export_dir, parent=parent, shards=round_shards, config=cfg.to_dict(),
+            result.export_dir, parent=parent, shards=round_shards, config=cfg.to_dict(redact=True),
             metrics=_finite(flat), gate={"decision": report.decision, "reason": reason},
             extra={"eval": _finite(report.metrics)})
+        lap("register")
         if fail_at == "after_register":
             raise InjectedFailure("after_register")
         if not ok:
@@ -213,6 +248,7 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
         raise InjectedFailure("after_promote")
     ledger.commit(round_shards, report.version, registry.lineage(report.version))
     registry.retain()
+    lap("commit")
     report.round_seconds = time.time() - started
     return report
 

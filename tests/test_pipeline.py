@@ -67,6 +67,8 @@ def test_crash_then_rerun_reaches_the_clean_end_state(fail_at, tmp_path, approve
     assert first.promoted and first.round_shards == clean.list("interactions")[:2]
     second = pipeline.run_round(cfg, clean, train_fn=fake_train)
     assert second.promoted and second.parent == first.version
+    assert list(second.stage_seconds) == ["prepare", "prequential", "train", "evaluate", "register", "commit"]
+    assert sum(second.stage_seconds.values()) <= second.round_seconds + 1e-6
     cfg2, crashed = _store("file", tmp_path / "crashed")
     pipeline.run_round(cfg2, crashed, train_fn=fake_train)
     with pytest.raises(pipeline.InjectedFailure):
@@ -96,6 +98,8 @@ def test_round_on_s3_crash_after_promote_and_models_commands(tmp_path, s3_server
     assert consumed == [["v0001"], ["v0001"], ["v0002"], ["v0003"]] and report.version == "v0003"
     assert pipeline.run_round(cfg, store, train_fn=fake_train).reason == "no new shards"
     info = Registry(store).show("v0003")
+    assert info["config"]["store"]["secret_access_key"] is None  # credentials never reach the registry
+    assert cfg.store.secret_access_key not in store.read_bytes("registry/versions/v0003/model/llmrec_config.yaml").decode()
     assert info["parent"] == "v0002" and info["shards"] == [ledger.shards()[3].key] and info["gate"]["decision"] == "promote"
     store_args = ["--set", f"store.uri={cfg.store.uri}", "--set", f"store.endpoint_url={cfg.store.endpoint_url}",
                   "--set", f"store.access_key_id={cfg.store.access_key_id}",
@@ -118,3 +122,29 @@ def test_report_table_and_plot(tmp_path, approve_all):
     assert Path(paths["plot"]).stat().st_size > 1000
     md = Path(paths["markdown"]).read_text()
     assert md.count("\n") == 4 and "v0002" in md
+
+
+def test_rejected_shards_are_learned_with_the_next_ones_not_retrained_alone(tmp_path, monkeypatch):
+    decisions, trained = [], []
+
+    def train(cfg, store, targets, *args):
+        trained.append(list(targets))
+        return fake_train(cfg, store, targets, *args)
+
+    monkeypatch.setattr(pipeline, "gate", lambda cfg, cand, prev, forgetting: (decisions.pop(0), "test"))
+    cfg, store = _store("file", tmp_path)
+    s = store.list("interactions")
+    decisions[:] = [True, False, False]
+    assert pipeline.run_round(cfg, store, train_fn=train).promoted  # s0, s1
+    assert pipeline.run_round(cfg, store, train_fn=train).decision == "reject"  # s2
+    third = pipeline.run_round(cfg, store, train_fn=train)  # s2 again, together with s3
+    assert third.decision == "reject" and third.round_shards == s[2:4]
+    waiting = pipeline.run_round(cfg, store, train_fn=train)  # nothing newer: no identical retraining
+    assert waiting.decision == "waiting" and "waiting for more data" in waiting.reason
+    assert trained == [s[:2], s[2:3], s[2:4]]
+    retry = load_config(None, SMALL + ["eval.gate_auc_tolerance=0.01"])  # a changed config may retry
+    retry.store = cfg.store
+    decisions[:] = [True]
+    report = pipeline.run_round(retry, store, train_fn=train)
+    assert report.promoted and report.round_shards == s[2:3]
+    assert [sh.consumed_by for sh in Ledger(store).shards()][2] == [report.version]
