@@ -22,10 +22,10 @@ DEMO_OVERRIDES = [
     "model.backbone=minilm",
     "model.max_seq_len=64",
     "data.history_len=5",
-    "data.max_rows_per_round=480",
-    "eval.max_rows=480",
+    "data.max_rows_per_round=400",
+    "eval.max_rows=400",
     "eval.num_negatives=49",
-    # AUC on ~480 rows has a standard error of ~0.02-0.03: a tighter gate would reject on noise alone
+    # AUC on ~400 rows has a standard error of ~0.02-0.03: a tighter gate would reject on noise alone
     "eval.gate_auc_tolerance=0.02",
     "eval.max_forgetting=0.03",
     "train.num_workers=2",

@@ -78,12 +78,16 @@ def evaluate(scorer: Scorer, frame: pd.DataFrame, ranking: pd.DataFrame, train_c
 
 
 def evaluate_all(scorers: dict[str, Optional[Scorer]], frame: pd.DataFrame, catalog_texts: dict,
-                 history_events: pd.DataFrame, cfg: Config) -> dict[str, dict]:
-    """Every scorer on the same rows and negatives. history_events = what training could see."""
+                 history_events: pd.DataFrame, cfg: Config, ranking: bool = True) -> dict[str, dict]:
+    """Every scorer on the same rows and negatives. history_events = what training could see.
+    ranking=False: pointwise metrics only (AUC, log loss; half the scoring work), for checks that use no HR/NDCG."""
     frame = eval_rows(frame, cfg)
-    seen = history_events.groupby("user_id")["item_id"].agg(set).to_dict() if len(history_events) else {}
-    for r in frame.itertuples():
-        seen.setdefault(r.user_id, set()).add(r.item_id)
-    ranking = ranking_frame(frame, catalog_texts, seen, cfg)
+    if ranking:
+        seen = history_events.groupby("user_id")["item_id"].agg(set).to_dict() if len(history_events) else {}
+        for r in frame.itertuples():
+            seen.setdefault(r.user_id, set()).add(r.item_id)
+        ranked = ranking_frame(frame, catalog_texts, seen, cfg)
+    else:
+        ranked = pd.DataFrame()
     train_counts = history_events["item_id"].value_counts() if len(history_events) else pd.Series(dtype=int)
-    return {name: evaluate(s, frame, ranking, train_counts, cfg) for name, s in scorers.items() if s is not None}
+    return {name: evaluate(s, frame, ranked, train_counts, cfg) for name, s in scorers.items() if s is not None}

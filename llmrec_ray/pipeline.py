@@ -183,7 +183,7 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
     if parent_dir is not None:
         frame = _frame(cfg, store, round_shards, older)
         report.metrics["prequential"] = evaluate_all({"promoted": promoted_scorer}, frame, texts,
-                                                     _events(store, older), cfg)["promoted"]
+                                                     _events(store, older), cfg, ranking=False)["promoted"]
         lap("prequential")
     if fail_at == "after_eval":
         raise InjectedFailure("after_eval")
@@ -217,7 +217,7 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
         if parent_dir is not None and learned:
             old_frame = _frame(cfg, store, [learned[0]], [s.key for s in all_shards if s.period < learned[0].split("=")[1][:10]])
             report.metrics["old"] = evaluate_all({"candidate": scorers["candidate"], "promoted": scorers["promoted"]},
-                                                 old_frame, texts, history, cfg)
+                                                 old_frame, texts, history, cfg, ranking=False)
             forgetting = report.metrics["old"]["promoted"]["auc"] - report.metrics["old"]["candidate"]["auc"]
         ok, reason = gate(cfg, report.metrics["next"]["candidate"], report.metrics["next"].get("promoted"), forgetting)
         report.decision, report.reason = ("promote" if ok else "reject"), reason

@@ -37,3 +37,28 @@ def test_sample_negatives_excludes_and_seeded():
     a = metrics.sample_negatives(list("abcdef"), {"a", "b"}, 3, np.random.default_rng(0))
     b = metrics.sample_negatives(list("abcdef"), {"a", "b"}, 3, np.random.default_rng(0))
     assert a == b and not {"a", "b"} & set(a) and len(set(a)) == 3
+
+
+def test_evaluate_all_scores_every_scorer_on_the_same_rows_and_skips_ranking_on_request():
+    import pandas as pd
+
+    from llmrec_ray.config import load_config
+    from llmrec_ray.evaluate import evaluate_all
+
+    cfg = load_config(None, ["eval.num_negatives=4", "eval.k=2", "eval.max_rows=20"])
+    items = {f"i{j}": (f"item {j}", "") for j in range(12)}
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"user_id": [f"u{j % 5}" for j in range(40)], "item_id": [f"i{j % 12}" for j in range(40)],
+                          "label": rng.integers(0, 2, 40).astype(float), "history_text": "h", "timestamp": range(40)})
+    frame["candidate_text"] = frame["item_id"].map(lambda i: items[i][0])
+    history = pd.DataFrame({"user_id": ["u0", "u1"], "item_id": ["i0", "i1"]})
+
+    def label_oracle(f):  # knows the labels; the ranking frame has none, so it scores by item there
+        return f["label"].to_numpy() if "label" in f else (f["item_id"] == "i0").to_numpy(float)
+
+    full = evaluate_all({"oracle": label_oracle, "flat": lambda f: np.full(len(f), 0.5)}, frame, items, history, cfg)
+    assert full["oracle"]["n"] == full["flat"]["n"] == 20  # eval.max_rows caps the rows, same rows for both
+    assert full["oracle"]["auc"] == 1.0 and full["flat"]["auc"] == 0.5
+    assert full["oracle"]["n_ranked"] == 20 // 5 and "ndcg@2" in full["flat"]
+    pointwise = evaluate_all({"oracle": label_oracle}, frame, items, history, cfg, ranking=False)
+    assert pointwise["oracle"]["auc"] == 1.0 and "n_ranked" not in pointwise["oracle"]
