@@ -50,7 +50,7 @@ class RoundReport:
     round_seconds: float = 0.0
     eval_period: Optional[str] = None
     metrics: dict = field(default_factory=dict)  # {"prequential": {...}, "next": {name: {...}}, "old": {...}}
-    stage_seconds: dict = field(default_factory=dict)  # wall time per step: prepare, prequential, train, evaluate, commit
+    stage_seconds: dict = field(default_factory=dict)  # wall time per step: prepare, prequential, train, evaluate, register, commit
 
     def summary(self) -> str:
         nxt = self.metrics.get("next", {})
