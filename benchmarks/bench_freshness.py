@@ -4,7 +4,7 @@ model that learned it (issue #6 target: <= 10 minutes with MiniLM on this machin
     .venv/bin/python benchmarks/bench_freshness.py [--landings 2] [--work out/freshness]
 
 Recipe: the first 4 weekly shards of MovieLens-100K go into a fresh store, a first round (the demo's
-config: MiniLM, 64 tokens, <= 480 training rows per round) promotes a model, and Serve comes up on it.
+config, DEMO_OVERRIDES: MiniLM, 64 tokens, capped rows per round) promotes a model, and Serve comes up on it.
 Then continuous mode runs in a background thread (store poll continuous.poll_interval_s, Serve pointer
 poll serve.poll_interval_s) and the following weeks land one shard at a time. For each landing the
 script polls GET /v1/model until it names a new version and records the seconds since the landing; a
