@@ -43,10 +43,12 @@ def rounds(ray_session, tmp_path_factory):
     train, val = datasets(cfg1)
     first = run_training(cfg1, train, val, None, "round1", store)
     store.upload_dir(first.export_dir, "registry/versions/v0001/model")
-    # Round 2: ZeRO 2 from round 1's export; the last worker dies at step 3 and is replaced.
+    # Round 2: ZeRO 2 from round 1's export; the last worker dies at step 5 and is replaced. It died at step 3
+    # before: once in a clean-clone run the replacement then started without any checkpoint, most likely because
+    # the only one (step 0's) was not yet registered by Ray Train; step 5 comes after a second report.
     cfg2 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "train.zero_stage=2", "train.max_failures=1"])
     second = run_training(cfg2, train, val, store.key_uri("registry/versions/v0001/model"), "round2", store,
-                          extra_loop_config={"_kill_at_step": 3, "_kill_marker": str(root / "killed")})
+                          extra_loop_config={"_kill_at_step": 5, "_kill_marker": str(root / "killed")})
     cfg3 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "model.lora.enabled=true", "model.lora.r=4",
                               "train.max_epochs=1"])
     lora = run_training(cfg3, train, val, None, "lora", store)
