@@ -177,7 +177,7 @@ class Config(_Section):
     def to_dict(self, redact: bool = False) -> dict[str, Any]:
         """JSON-ready. redact=True drops store credentials: use it for anything written to a file or the store."""
         out = self.model_dump(mode="json")
-        if redact and "store" in out:
+        if redact:
             out["store"].update(access_key_id=None, secret_access_key=None)
         return out
 

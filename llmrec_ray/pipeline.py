@@ -115,10 +115,12 @@ def gate(cfg: Config, cand: dict, prev: Optional[dict], forgetting: Optional[flo
     return True, f"auc {auc_c:.4f} vs promoted {auc_p:.4f} (tolerance {cfg.eval.gate_auc_tolerance})"
 
 
-def _rejected(registry: Registry, parent: Optional[str], shards: list[str], cfg: Config) -> bool:
-    """Did the gate already reject a candidate of this parent, these shards and this config?"""
-    return any(info.get("parent") == parent and info.get("shards") == shards and info.get("config") == cfg.to_dict(redact=True)
-               and info.get("gate", {}).get("decision") == "reject" for info in registry.list())
+def _rejected_shard_lists(registry: Registry, parent: Optional[str], cfg: Config) -> set[tuple[str, ...]]:
+    """The shard lists on which the gate already rejected a candidate of this parent and this config."""
+    config = cfg.to_dict(redact=True)
+    return {tuple(info.get("shards", [])) for info in registry.list()
+            if info.get("parent") == parent and info.get("config") == config
+            and info.get("gate", {}).get("decision") == "reject"}
 
 
 def _find_approved(registry: Registry, parent: Optional[str], shards: list[str]) -> Optional[dict]:
@@ -160,9 +162,10 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
     take = cfg.data.shards_per_round if parent else cfg.data.first_round_shards
     # Shards whose candidate the gate rejected are not dropped: the next round learns them together with
     # the next shard(s). Retraining the very same shards with the same config would repeat the result.
-    while take < len(new) and _rejected(registry, parent, [s.key for s in new[:take]], cfg):
+    rejected = _rejected_shard_lists(registry, parent, cfg)  # one read of the registry
+    while take < len(new) and tuple(s.key for s in new[:take]) in rejected:
         take += cfg.data.shards_per_round
-    if _rejected(registry, parent, [s.key for s in new[:take]], cfg):
+    if tuple(s.key for s in new[:take]) in rejected:
         return RoundReport(parent=parent, round_seconds=time.time() - started, decision="waiting",
                            reason=f"the gate rejected a candidate trained on all {len(new)} new shards with this "
                                   "config; waiting for more data (or change the config to retry)")
