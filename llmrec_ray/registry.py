@@ -1,15 +1,27 @@
 """Model registry in the store.
 
-Layout: registry/versions/<vNNNN>/model/ (HF export), registry/versions/<vNNNN>/version.json, and the pointer
-registry/promoted.json = {"version", "model_prefix", "history", "updated_at"} written only by compare-and-swap.
+Layout, per version:
+  registry/versions/<vNNNN>/claim.json    written first, create-if-absent: whoever writes it owns the name
+  registry/versions/<vNNNN>/model/        the export directory, uploaded only by the name's owner
+  registry/versions/<vNNNN>/version.json  written last; a version exists for readers once this exists
+and the pointer registry/promoted.json = {"version", "model_prefix", "history", "updated_at", "log"}, written only
+by compare-and-swap. A round promotes with `expected_parent`: the swap succeeds only while the promoted version is
+still the one the round trained from, so of two rounds racing from the same parent exactly one promotes.
+
+A name that is claimed but has no version.json is a registration in progress or one whose writer crashed: it is
+never listed, shown, promoted or pruned, and its name is never reused (its partial files stay until deleted by
+hand). Versions registered before claims existed have no claim.json and read as usual.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import math
+import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +33,25 @@ PROMOTED_KEY = "registry/promoted.json"
 
 class RegistryError(RuntimeError):
     pass
+
+
+class PromotionConflict(RegistryError):
+    """The promoted pointer no longer names the parent a round started from: another writer promoted first."""
+
+    def __init__(self, version: str, expected_parent: Optional[str], promoted: Optional[str]):
+        self.version, self.expected_parent, self.promoted = version, expected_parent, promoted
+        super().__init__(
+            f"not promoting {version}: the promoted version is now {promoted or 'none'}, not its parent "
+            f"{expected_parent or 'none (first model)'} -- another round or `llmrec models promote` won the race; "
+            f"{version} stays registered, unpromoted")
+
+
+class _AnyParent:
+    def __repr__(self) -> str:
+        return "ANY_PARENT"
+
+
+ANY_PARENT: Any = _AnyParent()  # promote(expected_parent=ANY_PARENT): promote whatever is promoted now (the CLI)
 
 
 def _now() -> str:
@@ -50,6 +81,10 @@ def version_key(version: str) -> str:
     return f"{PREFIX}/{version}/version.json"
 
 
+def claim_key(version: str) -> str:
+    return f"{PREFIX}/{version}/claim.json"
+
+
 def model_prefix(version: str) -> str:
     return f"{PREFIX}/{version}/model"
 
@@ -72,13 +107,22 @@ class Registry:
         p = self.promoted()
         return self.store.key_uri(p.value["model_prefix"]) if p else None
 
-    def versions(self) -> list[str]:
-        names = {k[len(PREFIX) + 1:].split("/")[0] for k in self.store.list(PREFIX, suffix="version.json")}
+    def _names(self, *files: str) -> list[str]:
+        """Version names that hold any of `files` directly under registry/versions/<name>/, sorted."""
+        names = {k[len(PREFIX) + 1:].split("/")[0] for k in self.store.list(PREFIX)
+                 if k.count("/") == PREFIX.count("/") + 2 and k.rsplit("/", 1)[1] in files}
         return sorted(n for n in names if n.startswith("v"))
+
+    def versions(self) -> list[str]:
+        """Complete versions (version.json written); claimed names still uploading, or abandoned, are left out."""
+        return self._names("version.json")
 
     def show(self, version: str) -> dict:
         v = self.store.read_json(version_key(version))
         if v.value is None:
+            if self.store.read_json(claim_key(version)).value is not None:
+                raise RegistryError(f"version {version!r} is claimed but not complete: it is being registered, or its "
+                                    f"writer crashed (complete versions: {self.versions()})")
             raise RegistryError(f"no version {version!r} in the registry (known: {self.versions()})")
         return v.value
 
@@ -110,26 +154,50 @@ class Registry:
 
     # --- writing ----------------------------------------------------------------------------------
     def next_version(self) -> str:
-        vs = self.versions()
+        """The name after every claimed or complete one (a first guess: `_claim` settles races)."""
+        vs = self._names("version.json", "claim.json")
         return f"v{(int(vs[-1][1:]) + 1 if vs else 1):04d}"
+
+    def _claim(self, version: Optional[str], max_tries: int = 1000) -> str:
+        """Own a version name: create-if-absent of its claim.json. A lost race tries the next name."""
+        name = version or self.next_version()
+        for _ in range(max_tries):
+            claim = {"version": name, "claimed_at": _now(), "host": socket.gethostname(), "pid": os.getpid(),
+                     "token": uuid.uuid4().hex}
+            try:
+                self.store.put_json(claim_key(name), claim, None)
+            except ConflictError:
+                if version:
+                    raise
+                name = f"v{int(name[1:]) + 1:04d}"  # claims are never released: each lost race is another's name
+                continue
+            if self.store.read_json(version_key(name)).value is not None:  # a version registered before claims
+                if version:
+                    raise ConflictError(f"version {version} already exists in the registry")
+                name = f"v{int(name[1:]) + 1:04d}"
+                continue
+            return name
+        raise RegistryError(f"could not claim a version name after {max_tries} tries (too many concurrent writers)")
 
     def create_version(self, export_dir: str | Path, *, parent: Optional[str], shards: list[str], config: dict | None = None,
                        metrics: dict | None = None, gate: dict | None = None, extra: dict | None = None,
                        version: Optional[str] = None) -> str:
-        """Upload the export, then write version.json (CAS: must not exist). Returns the version name."""
-        for _ in range(5):
-            name = version or self.next_version()
-            self.store.upload_dir(export_dir, model_prefix(name))
-            info = {"version": name, "parent": parent, "shards": list(shards), "config": config or {},
-                    "metrics": metrics or {}, "gate": gate or {}, "created_at": _now(), "git_commit": git_commit(),
-                    **(extra or {})}
-            try:
-                self.store.put_json(version_key(name), info, None)
-                return name
-            except ConflictError:
-                if version:
-                    raise
-        raise RegistryError("could not allocate a version name (too many concurrent writers)")
+        """Claim a name, upload the whole export directory under it, then write version.json. Returns the name.
+
+        Concurrent writers get distinct names and each version holds only its own writer's files. `version` asks
+        for that exact name (ConflictError if it is taken)."""
+        name = self._claim(version)
+        self.store.delete_prefix(model_prefix(name))  # files of a pre-claim writer that crashed mid-upload
+        self.store.upload_dir(export_dir, model_prefix(name))
+        info = {"version": name, "parent": parent, "shards": list(shards), "config": config or {},
+                "metrics": metrics or {}, "gate": gate or {}, "created_at": _now(), "git_commit": git_commit(),
+                **(extra or {})}
+        try:
+            self.store.put_json(version_key(name), info, None)
+        except ConflictError:
+            raise RegistryError(f"{version_key(name)} was written by a writer that did not claim {name} "
+                                "(an older llmrec?); the files under it may be mixed -- do not promote it") from None
+        return name
 
     def check_loadable(self, version: str) -> None:
         from llmrec_ray.model import load_export
@@ -138,8 +206,14 @@ class Registry:
             self.store.download_dir(model_prefix(version), tmp)
             load_export(tmp)
 
-    def promote(self, version: str, expected_etag: Optional[str] = None, *, _history_op: str = "promote") -> str:
-        """Point registry/promoted.json at `version` (CAS against expected_etag; None = the etag read now). Refuses NaN metrics or an export that does not load."""
+    def promote(self, version: str, expected_etag: Optional[str] = None, *, expected_parent: Any = ANY_PARENT,
+                _history_op: str = "promote") -> str:
+        """Point registry/promoted.json at `version`. Refuses NaN metrics or an export that does not load.
+
+        The write is a compare-and-swap. expected_parent: promote only while the pointer names this version
+        (None: nothing promoted yet), else PromotionConflict; a concurrent write that leaves it there is retried.
+        ANY_PARENT (the default, `llmrec models promote`) swaps against whatever was just read. expected_etag:
+        swap against exactly that etag (ConflictError if the pointer changed)."""
         info = self.show(version)
         if _has_nan(info.get("metrics", {})):
             raise RegistryError(f"refusing to promote {version}: its metrics contain NaN/inf")
@@ -147,16 +221,25 @@ class Registry:
             self.check_loadable(version)
         except ValueError as exc:
             raise RegistryError(f"refusing to promote {version}: {exc}") from None
-        cur = self.store.read_json(PROMOTED_KEY)
-        current, etag = cur.value, (cur.etag if expected_etag is None else expected_etag)
-        history = list((current or {}).get("history", []))
-        history.append(version)
-        ops = list((current or {}).get("log", []))
-        ops.append({"op": _history_op, "version": version, "at": _now()})
-        ptr = {"version": version, "model_prefix": model_prefix(version), "history": history, "updated_at": _now(),
-               "log": ops[-100:]}
-        self.store.put_json(PROMOTED_KEY, ptr, etag)
-        return version
+        for _ in range(20):
+            cur = self.store.read_json(PROMOTED_KEY)
+            current = cur.value or {}
+            if expected_parent is not ANY_PARENT and current.get("version") != expected_parent:
+                raise PromotionConflict(version, expected_parent, current.get("version"))
+            history = list(current.get("history", []))
+            history.append(version)
+            ops = list(current.get("log", []))
+            ops.append({"op": _history_op, "version": version, "at": _now()})
+            ptr = {"version": version, "model_prefix": model_prefix(version), "history": history, "updated_at": _now(),
+                   "log": ops[-100:]}
+            try:
+                self.store.put_json(PROMOTED_KEY, ptr, cur.etag if expected_etag is None else expected_etag)
+                return version
+            except ConflictError:
+                if expected_etag is not None or expected_parent is ANY_PARENT:
+                    raise
+                # the pointer changed between read and write: re-read; PromotionConflict if it left the parent
+        raise RegistryError(f"could not promote {version}: registry/promoted.json kept changing (20 tries)")
 
     def rollback(self) -> str:
         """Re-point to the version promoted before the current one; nothing is deleted, the rollback is logged."""
