@@ -70,3 +70,87 @@ class BiasedMF:
                     logit = logit + (self.P[ui] * self.Q[ii]).sum()
                 out.append(torch.sigmoid(logit).item())
         return np.array(out, dtype=np.float64)
+
+
+class HistoryLogistic:
+    """The history-aware classical bar: logistic regression on what the row's own history says about the user
+    (every earlier event of the user, not a window) and what the training events say about the item.
+
+    Features: log(1 + n), the user's smoothed like rate (logit), mean centred rating, mean "surprise"
+    (label - the item's like rate) and mean rating deviation from the item's mean over the user's history;
+    the item's smoothed like rate (logit), log(1 + count) and mean rating. `fit(events)` learns item
+    statistics and weights on the training events (each with its own earlier history);
+    `predict_frame(frame, log)` scores rows (user_id, item_id, timestamp) using the events of `log`
+    strictly before each row -- the serving situation.
+    """
+
+    def __init__(self, smoothing: float = 10.0, epochs: int = 200, seed: int = 0):
+        self.smoothing, self.epochs, self.seed = smoothing, epochs, seed
+
+    def fit(self, events: pd.DataFrame) -> "HistoryLogistic":
+        a = self.smoothing
+        self.global_rate = float(events["label"].mean())
+        rated = events["rating"].astype(float)
+        self.global_rating = float(rated.mean()) if rated.notna().any() else 0.0
+        g = events.assign(rating=rated).groupby("item_id").agg(pos=("label", "sum"), n=("label", "count"),
+                                                               rsum=("rating", "sum"), rn=("rating", "count"))
+        self.item_rate = ((g["pos"] + a * self.global_rate) / (g["n"] + a)).to_dict()
+        self.item_count = g["n"].to_dict()
+        self.item_rating = ((g["rsum"] + a * self.global_rating) / (g["rn"] + a)).to_dict()
+        x = self._features(events[["user_id", "item_id", "timestamp"]], events)
+        y = torch.tensor(events["label"].to_numpy(np.float32))
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+        xs = (x - self.mean) / self.std
+        torch.manual_seed(self.seed)
+        lin = torch.nn.Linear(x.shape[1], 1)
+        opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=self.epochs)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(lin(xs).squeeze(-1), y) + 1e-4 * lin.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        self.lin = lin.eval()
+        return self
+
+    def predict_frame(self, frame: pd.DataFrame, log: pd.DataFrame) -> np.ndarray:
+        x = (self._features(frame[["user_id", "item_id", "timestamp"]], log) - self.mean) / self.std
+        with torch.no_grad():
+            return torch.sigmoid(self.lin(x).squeeze(-1)).numpy().astype(np.float64)
+
+    def _features(self, rows: pd.DataFrame, log: pd.DataFrame) -> torch.Tensor:
+        prior = self._prior_user_stats(log)
+        key = pd.MultiIndex.from_arrays([rows["user_id"].astype(str), rows["timestamp"].astype(np.int64)])
+        u = prior.reindex(key).fillna(0.0).to_numpy()  # a (user, time) the log never saw: no history
+        n, likes, rsum, rn, surprise, rdev = u.T
+        a = self.smoothing
+        like_rate = (likes + a * self.global_rate) / (n + a)
+        items = rows["item_id"].astype(str)
+        item_rate = items.map(self.item_rate).fillna(self.global_rate).to_numpy()
+        feats = np.stack([np.log1p(n), _logit(like_rate), np.where(rn > 0, rsum / np.maximum(rn, 1), 0.0),
+                          surprise / (n + 1.0), rdev / (rn + 1.0), _logit(item_rate),
+                          np.log1p(items.map(self.item_count).fillna(0).to_numpy()),
+                          items.map(self.item_rating).fillna(self.global_rating).to_numpy() - self.global_rating], axis=1)
+        return torch.tensor(feats, dtype=torch.float32)
+
+    def _prior_user_stats(self, log: pd.DataFrame) -> pd.DataFrame:
+        """Per (user, timestamp) in the log: sums over the user's events strictly earlier."""
+        items = log["item_id"].astype(str)
+        rating = log["rating"].astype(float)
+        ev = pd.DataFrame({
+            "user_id": log["user_id"].astype(str).to_numpy(), "timestamp": log["timestamp"].astype(np.int64).to_numpy(),
+            "n": 1.0, "likes": log["label"].astype(float).to_numpy(),
+            "rsum": (rating - self.global_rating).fillna(0.0).to_numpy(), "rn": rating.notna().astype(float).to_numpy(),
+            "surprise": log["label"].astype(float).to_numpy() - items.map(self.item_rate).fillna(self.global_rate).to_numpy(),
+            "rdev": (rating - items.map(self.item_rating).fillna(self.global_rating).to_numpy()).fillna(0.0).to_numpy(),
+        })
+        per_time = ev.groupby(["user_id", "timestamp"], sort=True).sum()
+        inclusive = per_time.groupby(level="user_id").cumsum()
+        return inclusive - per_time  # strictly earlier: drop the row's own timestamp
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))

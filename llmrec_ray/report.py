@@ -25,6 +25,7 @@ def rows(reports) -> list[dict]:
             "auc_prequential": _get(m, "prequential", "auc"),
             "auc_candidate": _get(m, "next", "candidate", "auc"), "auc_promoted": _get(m, "next", "promoted", "auc"),
             "auc_popularity": _get(m, "next", "popularity", "auc"), "auc_mf": _get(m, "next", "mf", "auc"),
+            "auc_history_lr": _get(m, "next", "history_lr", "auc"),
             "ndcg@10_candidate": _get(m, "next", "candidate", "ndcg@10"), "ndcg@10_promoted": _get(m, "next", "promoted", "ndcg@10"),
             "cold_auc": _get(m, "next", "candidate", "cold_auc"), "n_cold": _get(m, "next", "candidate", "n_cold", default=0),
             "rare_auc": _get(m, "next", "candidate", "rare_auc"), "n_rare": _get(m, "next", "candidate", "n_rare", default=0),
@@ -62,8 +63,10 @@ def _plot(table: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     x = [r["round"] for r in table]
     for key, label in (("auc_candidate", "candidate (next period)"), ("auc_promoted", "frozen previous model"),
-                       ("auc_prequential", "promoted, prequential"), ("auc_popularity", "popularity"), ("auc_mf", "biased MF")):
+                       ("auc_prequential", "promoted, prequential"), ("auc_popularity", "popularity"), ("auc_mf", "biased MF"),
+                       ("auc_history_lr", "history-aware logistic")):
         ax.plot(x, [r[key] for r in table], marker="o", label=label)
+    ax.set_xticks(x)  # whole rounds, never 1.5
     ax.set_xlabel("round")
     ax.set_ylabel("AUC")
     ax.set_title("llmrec-ray: AUC per incremental round")

@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -88,8 +89,28 @@ class ClientError(Exception):
 
 
 # --- model state -----------------------------------------------------------------------------------------
-def _load_version(store, prefix: str, version: str, cache_root: Path):
-    """Download + load one export fully; returns the new state tuple. Raises on any problem."""
+@dataclass(frozen=True)
+class Loaded:
+    """One version, both parts: swapped as ONE reference, so a request never sees the text part of one
+    version with the collaborative tables of another."""
+    model: Any  # llmrec_ray.model.HybridScorer (text part + tables + fusion)
+    tokenizer: Any
+    version: str
+    cfg: Config  # the config the version was trained with (max_seq_len, like_threshold, history_len)
+
+
+@dataclass
+class ScoreItem:
+    """One request's inputs for the Scorer: resolved texts plus the ids the collaborative part reads."""
+    candidate_texts: list[str]
+    history_text: str
+    candidate_ids: list[Optional[str]]  # None: free text, scored from text alone
+    history_ids: list[Optional[str]]  # most recent first
+    history_ratings: list[float]  # NaN: no rating (an implicit event)
+
+
+def _load_version(store, prefix: str, version: str, cache_root: Path) -> Loaded:
+    """Download + load one export fully. Raises on any problem."""
     from llmrec_ray.model import load_export
 
     local = cache_root / version
@@ -97,19 +118,35 @@ def _load_version(store, prefix: str, version: str, cache_root: Path):
         shutil.rmtree(local, ignore_errors=True)
     store.download_dir(prefix, local)
     model, tokenizer, mcfg = load_export(local)
-    return (model, tokenizer, version, mcfg.model.max_seq_len)
+    return Loaded(model, tokenizer, version, mcfg)
 
 
-def _forward(state, candidate_texts: list[str], history_texts: list[str]):
+def _encode(state: Loaded, item: ScoreItem) -> dict:
+    """One request's model inputs (numpy): a bad one fails alone, never its batch-mates."""
+    from llmrec_ray.model import encode_inputs
+
+    n = len(item.candidate_texts)
+    return encode_inputs(state.tokenizer, state.model.vocab, state.cfg, item.candidate_texts, [item.history_text] * n,
+                         item.candidate_ids, [item.history_ids] * n, [item.history_ratings] * n)
+
+
+def _forward(state: Loaded, encoded: list[dict]) -> list[float]:
+    """P(like) for the concatenated rows of several requests' inputs, in order."""
+    import numpy as np
     import torch
 
-    from llmrec_ray.text import tokenize_pairs
-
-    model, tokenizer, _version, max_seq_len = state
-    enc = tokenize_pairs(tokenizer, candidate_texts, history_texts, max_seq_len)
+    batch = {k: np.concatenate([e[k] for e in encoded]) for k in encoded[0]}
     with torch.inference_mode():
-        logits = model(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.squeeze(-1)
+        logits = state.model(**{k: torch.from_numpy(v) for k, v in batch.items()})
         return torch.sigmoid(logits.float()).reshape(-1).tolist()
+
+
+def _warm_up(state: Loaded) -> None:
+    """Score a known and an unknown item once: a broken version fails here, never on a request."""
+    known = state.model.vocab.ids[:1] if state.model.vocab is not None else []
+    ids = [*known, None]
+    _forward(state, [_encode(state, ScoreItem(["warm up"] * len(ids), "no history", ids, list(known),
+                                              [float("nan")] * len(known)))])
 
 
 @serve.deployment(name="Scorer", max_ongoing_requests=256)
@@ -120,7 +157,7 @@ class Scorer:
         self.cfg = config_from_dict(cfg_dict)
         self.store = Store.from_config(self.cfg.store)
         self.cache = Path(tempfile.mkdtemp(prefix="llmrec-serve-"))
-        self._state = None  # (model, tokenizer, version, max_seq_len): swapped as one reference
+        self._state: Optional[Loaded] = None  # swapped as one reference
         self._lock = threading.Lock()  # serialises loads (poller vs reconfigure), never taken on the request path
         self.pinned: Optional[str] = None
         self.reloads = 0
@@ -141,13 +178,13 @@ class Scorer:
     # --- loading ---
     def _try_load(self, version: str, prefix: str, lineage: list[str]) -> bool:
         with self._lock:
-            cur = self._state[2] if self._state else None
+            cur = self._state.version if self._state else None
             if version == cur:
                 return True
             t0 = time.time()
             try:
                 state = _load_version(self.store, prefix, version, self.cache)
-                _forward(state, ["warm up"], ["no history"])  # fail here, not on a request
+                _warm_up(state)
             except Exception as exc:  # refused: the old model keeps serving
                 self.failed_loads += 1
                 self.failed_version = version
@@ -175,7 +212,7 @@ class Scorer:
         if not ptr or not ptr.get("version"):
             return
         version = ptr["version"]
-        if self._state and version == self._state[2]:
+        if self._state and version == self._state.version:
             return
         if version == self.failed_version:
             return  # already refused; wait for the pointer to change
@@ -201,28 +238,38 @@ class Scorer:
 
     # --- scoring ---
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def score_batch(self, requests: list[tuple[list[str], str]]) -> list[dict]:
-        state = self._state  # read ONCE per batch
+    async def score_batch(self, requests: list[ScoreItem]) -> list[dict]:
+        state = self._state  # read ONCE per batch: model, tables and tokenizer of one version
         if state is None:
             return [{"error": "no model loaded yet"} for _ in requests]
-        cands, hists, sizes = [], [], []
-        for c, h in requests:
-            cands.extend(c)
-            hists.extend([h] * len(c))
-            sizes.append(len(c))
-        probs = await asyncio.to_thread(_forward, state, cands, hists) if cands else []
-        out, i = [], 0
-        for n in sizes:
-            out.append({"probs": probs[i:i + n], "version": state[2]})
-            i += n
+        return await asyncio.to_thread(self._score_sync, state, requests)
+
+    @staticmethod
+    def _score_sync(state: Loaded, requests: list[ScoreItem]) -> list[dict]:
+        out: list[dict] = [{} for _ in requests]
+        encoded, good = [], []
+        for i, item in enumerate(requests):  # encode per request: one bad input fails alone
+            try:
+                encoded.append(_encode(state, item))
+                good.append(i)
+            except Exception as exc:  # noqa: BLE001 - reported to that request only
+                log.warning("llmrec serve: request input refused: %s: %s", type(exc).__name__, exc)
+                out[i] = {"error": f"input cannot be encoded: {type(exc).__name__}", "status": 422}
+        if encoded:
+            probs = _forward(state, encoded)
+            at = 0
+            for i, enc in zip(good, encoded):
+                n = len(enc["input_ids"])
+                out[i] = {"probs": probs[at:at + n], "version": state.version}
+                at += n
         return out
 
-    async def score(self, candidate_texts: list[str], history: str) -> dict:
-        return await self.score_batch((candidate_texts, history))
+    async def score(self, item: ScoreItem) -> dict:
+        return await self.score_batch(item)
 
     def info(self) -> dict:
         state = self._state
-        return {"version": state[2] if state else None, "pinned_version": self.pinned, "lineage": self.lineage,
+        return {"version": state.version if state else None, "pinned_version": self.pinned, "lineage": self.lineage,
                 "loaded_at": self.loaded_at, "reloads": self.reloads, "failed_loads": self.failed_loads,
                 "last_load_error": self.last_error}
 
@@ -283,20 +330,21 @@ class Api:
         self._pd = pd
 
     # --- input handling ---
-    def _history(self, history: list) -> tuple[str, set[str]]:
+    def _history(self, history: list) -> tuple[str, list[Optional[str]], list[float]]:
+        """(history text, item ids or None, ratings or NaN), most recent first."""
         from llmrec_ray.text import history_text
 
         s = self.cfg.serve
         if len(history) > s.max_history:
             raise ClientError(422, f"history has {len(history)} items; serve.max_history={s.max_history}")
-        items, ids = [], set()
+        items, ids, ratings = [], [], []
         for i, h in enumerate(history):
             if isinstance(h, str):
                 h = HistoryItem(item_id=h)
             items.append((self._text_of("history", i, h.item_id, h.text, self.titles), h.rating))
-            if h.item_id is not None:
-                ids.add(h.item_id)
-        return history_text(items), ids
+            ids.append(h.item_id)
+            ratings.append(float("nan") if h.rating is None else float(h.rating))
+        return history_text(items[: self.cfg.data.history_len]), ids, ratings
 
     def _text_of(self, field: str, i: int, item_id: Optional[str], text: Optional[str], known: dict) -> str:
         """`field[i]` as text: the catalogue's entry for item_id, or the (length-checked) free text."""
@@ -311,7 +359,7 @@ class Api:
             return text
         raise ClientError(422, f"{field}[{i}]: give item_id or text")
 
-    def _candidates(self, candidates: list) -> tuple[list[str], list[dict]]:
+    def _candidates(self, candidates: list) -> tuple[list[str], list[dict], list[Optional[str]]]:
         s = self.cfg.serve
         if not candidates:
             raise ClientError(422, "candidates: give at least one")
@@ -323,12 +371,13 @@ class Api:
                 c = Candidate(item_id=c)
             texts.append(self._text_of("candidates", i, c.item_id, c.text, self.texts))
             keys.append({"item_id": c.item_id} if c.item_id is not None else {"text": c.text})
-        return texts, keys
+        return texts, keys, [c.item_id if not isinstance(c, str) else c for c in candidates]
 
-    async def _score(self, texts: list[str], hist: str) -> dict:
-        res = await self.scorer.score.remote(texts, hist)
+    async def _score(self, texts: list[str], cand_ids: list[Optional[str]], history: tuple) -> dict:
+        hist_text, hist_ids, hist_ratings = history
+        res = await self.scorer.score.remote(ScoreItem(texts, hist_text, cand_ids, hist_ids, hist_ratings))
         if "error" in res:
-            raise ClientError(503, res["error"])
+            raise ClientError(res.get("status", 503), res["error"])
         return res
 
     # --- routes ---
@@ -386,15 +435,16 @@ class Api:
         return await self._handle(request, go)
 
     async def _do_score(self, req: ScoreRequest) -> ScoreResponse:
-        hist, _ = self._history(req.history)
-        texts, keys = self._candidates(req.candidates)
-        res = await self._score(texts, hist)
+        history = self._history(req.history)
+        texts, keys, ids = self._candidates(req.candidates)
+        res = await self._score(texts, ids, history)
         return ScoreResponse(model_version=res["version"],
                              scores=[{**k, "probability": p} for k, p in zip(keys, res["probs"])])
 
     async def _do_recommend(self, req: RecommendRequest) -> RecommendResponse:
         s = self.cfg.serve
-        hist, seen = self._history(req.history)
+        history = self._history(req.history)
+        seen = {i for i in history[1] if i is not None}
         if req.pool == "all":
             pool = list(self.texts)
         elif isinstance(req.pool, GenrePool):
@@ -415,7 +465,7 @@ class Api:
             raise ClientError(422, f"k={req.k}; serve.max_candidates={s.max_candidates}")
         if not pool:
             raise ClientError(422, "pool: no candidates left after excluding the history")
-        res = await self._score([self.texts[i] for i in pool], hist)
+        res = await self._score([self.texts[i] for i in pool], list(pool), history)
         ranked = sorted(zip(pool, res["probs"]), key=lambda t: -t[1])[:req.k]
         return RecommendResponse(model_version=res["version"],
                                  items=[{"item_id": i, "title": self.titles[i], "probability": p} for i, p in ranked])

@@ -27,6 +27,8 @@ from typing import Optional
 from llmrec_ray.config import Config, config_from_dict
 
 CKPT_TAG = "best"
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "cand_rows", "hist_rows", "hist_present", "hist_liked",
+                    "hist_rating", "hist_rated")  # what llmrec_ray.model.encode_inputs produces
 
 
 @dataclass
@@ -63,27 +65,41 @@ def deepspeed_config(cfg: Config, lr: float, num_steps: int) -> dict:
 
 
 # --- worker side ---------------------------------------------------------------------------------
-def _load_start_model(cfg: Config, init_model_uri: Optional[str]):
-    from llmrec_ray.model import apply_lora, build_model, load_export
+def _load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Optional[str]):
+    """(HybridScorer, tokenizer): the text part from the promoted export (or the backbone), LoRA-wrapped when
+    configured; for model.kind=hybrid the round's collaborative tables (fitted by the driver, frozen here)
+    and the promoted fusion weights."""
+    from llmrec_ray.collab import load_collab
+    from llmrec_ray.model import HybridScorer, apply_lora, build_model, load_export
     from llmrec_ray.store import Store
 
+    store = Store.from_config(cfg.store)
+    fusion = None
     if init_model_uri:
-        store = Store.from_config(cfg.store)
-        local = Path(tempfile.mkdtemp(prefix="llmrec-init-"))
-        key = init_model_uri[len(store.uri):].lstrip("/") if init_model_uri.startswith(store.uri) else None
-        if key is None:
-            raise ValueError(f"init model {init_model_uri} is not inside store {store.uri}")
-        model, tokenizer, _ = load_export(store.download_dir(key, local))
-        model.config.hidden_dropout_prob = cfg.model.dropout
+        start, tokenizer, start_cfg = load_export(store.download_dir(_key_in(store, init_model_uri), Path(tempfile.mkdtemp(prefix="llmrec-init-"))))
+        lm = start.lm
+        lm.config.hidden_dropout_prob = cfg.model.dropout
+        fusion = start.fusion_weights() if start.is_hybrid else None
     else:
-        model, tokenizer = build_model(cfg.model)
-    return apply_lora(model, cfg.model), tokenizer
+        lm, tokenizer = build_model(cfg.model)
+    if cfg.model.kind == "text":
+        return HybridScorer(apply_lora(lm, cfg.model)), tokenizer
+    if not collab_uri:
+        raise ValueError("model.kind=hybrid needs the round's collaborative tables (collab_uri); run it through run_training")
+    collab, vocab = load_collab(store.download_dir(_key_in(store, collab_uri), Path(tempfile.mkdtemp(prefix="llmrec-collab-"))))
+    collab.requires_grad_(False)  # fitted on all history by the driver; the language model learns the residual
+    return HybridScorer(apply_lora(lm, cfg.model), collab, vocab, fusion), tokenizer
+
+
+def _key_in(store, uri: str) -> str:
+    if not uri.startswith(store.uri):
+        raise ValueError(f"{uri} is not inside store {store.uri}")
+    return uri[len(store.uri):].lstrip("/")
 
 
 def _forward_loss(engine, batch, loss_fn):
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    token_type_ids=batch["token_type_ids"]).logits.squeeze(-1)  # (B,)
-    return loss_fn(logits.float(), batch["label"].float())
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    return loss_fn(engine(**inputs), batch["label"].float())  # (B,) logits from HybridScorer
 
 
 def _validate(engine, val_shard, batch_size: int, device) -> float:
@@ -109,16 +125,11 @@ def _save_best(engine, tokenizer, cfg: Config, state: dict, rank: int, work_dir:
 
     ckpt_dir = work_dir / f"ckpt-{state['step']:06d}"
     engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=CKPT_TAG, client_state=dict(state))
-    if cfg.train.zero_stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # a collective: every rank calls it
+    # ZeRO-3 partitions the weights: gathering them is a collective, every rank calls it.
+    full_state = engine._zero3_consolidated_16bit_state_dict() if cfg.train.zero_stage == 3 else None
     if rank == 0:
         export = ckpt_dir / "model"
-        if cfg.train.zero_stage == 3:
-            engine.module.save_pretrained(export, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(export)
-            (export / "llmrec_config.yaml").write_text(cfg.to_yaml())
-        else:
-            save_export(_copy_for_export(engine.module, cfg), tokenizer, cfg, export)
+        save_export(_copy_for_export(engine.module, cfg), tokenizer, cfg, export, state_dict=full_state)
         shutil.rmtree(work_dir / "best-model", ignore_errors=True)
         shutil.copytree(export, work_dir / "best-model")
     return ckpt_dir
@@ -152,7 +163,7 @@ def train_func(config: dict) -> None:
     if not cfg.train.use_gpu:  # intra-op threads = the worker's CPU reservation (Ray's OMP_NUM_THREADS, made explicit)
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
 
-    model, tokenizer = _load_start_model(cfg, config["init_model_uri"])
+    model, tokenizer = _load_start_model(cfg, config["init_model_uri"], config.get("collab_uri"))
     lr = cfg.train.lr_incremental if config["init_model_uri"] else cfg.train.lr_first
     num_steps = total_steps(cfg, config["num_train_rows"])
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -229,6 +240,66 @@ def train_func(config: dict) -> None:
 
 
 # --- driver side ---------------------------------------------------------------------------------
+@dataclass
+class CollabStage:
+    uri: str  # the fitted tables, staged in the store for the train workers
+    vocab: object  # ItemVocab
+    report: dict
+
+
+def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri: Optional[str], run_name: str) -> CollabStage:
+    """The hybrid's collaborative part for one round, on the driver (seconds): warm-start from the promoted
+    version's tables (known ids keep their rows, new ids are appended), then fit on every event of
+    `history_keys` with its own earlier history, and stage the result in the store for the workers."""
+    from llmrec_ray.collab import history_arrays, fit_collab, load_collab, save_collab, warm_start
+    from llmrec_ray.ingest import examples_frame
+
+    started = time.time()
+    previous = None
+    if init_model_uri:
+        local = Path(tempfile.mkdtemp(prefix="llmrec-collab-init-"))
+        prefix = _key_in(store, init_model_uri)
+        for name in ("collab.safetensors", "collab_vocab.json"):
+            if store.exists(f"{prefix}/{name}"):
+                (local / name).write_bytes(store.read_bytes(f"{prefix}/{name}"))
+        if (local / "collab.safetensors").exists():  # a text-only parent: the tables start fresh
+            previous = load_collab(local)
+    frame = examples_frame(cfg, store, history_keys)
+    net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim)
+    hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
+                          frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
+    c = cfg.model.collab
+    fit = fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), epochs=c.epochs,
+                     batch_size=c.batch_size, lr=c.lr, l2=c.l2, seed=cfg.train.seed,
+                     val_fraction=c.val_fraction)
+    out = Path(tempfile.mkdtemp(prefix="llmrec-collab-"))
+    save_collab(net, vocab, out)
+    key = f"ray-train/{run_name}/collab"
+    store.upload_dir(out, key)
+    shutil.rmtree(out, ignore_errors=True)
+    report = {"collab_rows": fit.num_rows, "collab_items": len(vocab), "collab_new_items": len(vocab) - (len(previous[1]) if previous else 0),
+              "collab_fit_seconds": fit.seconds, "collab_seconds": time.time() - started, "collab_loss": fit.final_loss,
+              "collab_epochs": fit.epochs,
+              "collab_warm_start": previous is not None}
+    return CollabStage(store.key_uri(key), vocab, report)
+
+
+def train_candidate(cfg: Config, store, targets: list[str], older: list[str], replay: list[str],
+                    init_model_uri: Optional[str], run_name: str, max_rows: Optional[int] = None) -> TrainResult:
+    """The one training recipe (round, `llmrec train`, benchmarks): for model.kind=hybrid the collaborative stage
+    on the driver, then Ray Data examples of `targets` (+ replay of `replay`) -> tokens -> Ray Train + DeepSpeed."""
+    from llmrec_ray import ingest
+    from llmrec_ray.model import model_source
+
+    stage = fit_round_collab(cfg, store, older + targets, init_model_uri, run_name) if cfg.model.kind == "hybrid" else None
+    ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=replay,
+                               max_rows=max_rows if max_rows is not None else cfg.data.max_rows_per_round)
+    tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None, vocab_key=run_name)
+    train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
+    return run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store, collab_uri=stage.uri if stage else None,
+                        extra_metrics=stage.report if stage else None)
+
+
 def _storage(cfg: Config, store):
     """(storage_path, storage_filesystem) for RunConfig: inside the store unless ray.storage_uri is set."""
     if cfg.ray.storage_uri:
@@ -237,7 +308,8 @@ def _storage(cfg: Config, store):
 
 
 def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], run_name: str, store,
-                 extra_loop_config: Optional[dict] = None) -> TrainResult:
+                 extra_loop_config: Optional[dict] = None, collab_uri: Optional[str] = None,
+                 extra_metrics: Optional[dict] = None) -> TrainResult:
     """One round on Ray Train. Returns the best model's export on the driver and the round's metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -252,7 +324,7 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": cfg.to_dict(), "init_model_uri": init_model_uri, "num_train_rows": num_train_rows,
-                           **(extra_loop_config or {})},
+                           "collab_uri": collab_uri, **(extra_loop_config or {})},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -268,5 +340,6 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
         shutil.copytree(Path(d) / "model", export_dir / "model")
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))}
     metrics["num_train_rows"] = num_train_rows
+    metrics.update(extra_metrics or {})
     (export_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     return TrainResult(export_dir / "model", metrics, result.checkpoint.path)

@@ -35,6 +35,21 @@ def test_histories_are_strictly_earlier_newest_first_and_capped():
     assert "e" not in frame.index  # not a target row: history only
 
 
+def test_id_histories_match_the_text_histories_with_their_own_cap():
+    frame = user_examples(_events(), TEXTS, 1, 0, np.array(list(TEXTS)), 0, id_history_len=3).set_index("item_id")
+    assert frame.loc["a", "history_ids"] == []
+    assert frame.loc["b", "history_ids"] == ["a"] and frame.loc["b", "history_ratings"] == [5.0]
+    assert frame.loc["d", "history_ids"] == ["c", "b", "a"]  # newest first, capped at 3 (the text at 1)
+    assert frame.loc["d", "history_text"] == "Tc"
+    assert frame.loc["d", "history_labels"] == [1.0, 0.0, 1.0]
+    assert np.isnan(frame.loc["d", "history_ratings"][0]) and frame.loc["f", "history_ids"] == ["e"]
+    negatives = user_examples(_events(), TEXTS, 1, 2, np.array(list(TEXTS)), 0, id_history_len=3)
+    for _, row in negatives[negatives["label"] == 0].iterrows():  # a sampled negative shares its positive's history
+        twin = frame.loc[[i for i in frame.index if frame.loc[i, "timestamp"] == row["timestamp"]
+                          and frame.loc[i, "user_id"] == row["user_id"]][0]]
+        assert row["history_ids"] == twin["history_ids"]
+
+
 def test_result_does_not_depend_on_row_order():
     events = _events()
     a = user_examples(events, TEXTS, 3, 0, np.array(list(TEXTS)), 0)

@@ -44,17 +44,47 @@ def _write_catalog(store):
 
 
 def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool = False):
+    """A hybrid export (text part + tables over the catalogue's 30 items) whose two parts both depend on `bias`,
+    so a response computed from the text part of one version and the tables of another is recognisable."""
     import torch
 
-    from llmrec_ray.model import build_model, save_export
+    from llmrec_ray.collab import CollabNet, ItemVocab
+    from llmrec_ray.model import HybridScorer, build_model, save_export
 
-    model, tok = build_model(cfg.model)
+    lm, tok = build_model(cfg.model)
     with torch.no_grad():
-        model.classifier.bias.fill_(bias)
+        lm.classifier.bias.fill_(bias)
+    collab = CollabNet(30, cfg.model.collab.dim)
+    with torch.no_grad():
+        collab.mu.fill_(-2.0 * bias)
+        collab.item_bias.weight[1:].fill_(0.3 * bias)
+    model = HybridScorer(lm, collab, ItemVocab(str(i) for i in range(1, 31)))
     out = save_export(model, tok, cfg, tmp_path / "exports" / version)
     if corrupt:
         (out / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
     store.upload_dir(out, f"registry/versions/{version}/model")
+    return out
+
+
+def _expected(exports: dict, lm_from: str, tables_from: str, body: dict) -> list[float]:
+    """P(like) for a request of item ids, computed offline from the text part of one export and the tables of another."""
+    from llmrec_ray.model import HybridScorer, load_export, score_frame
+    from llmrec_ray.text import history_text, item_text
+
+    lm_model, tok, cfg = load_export(exports[lm_from])
+    tables, _, _ = load_export(exports[tables_from])
+    model = HybridScorer(lm_model.lm, tables.collab, tables.vocab, tables.fusion_weights()).eval()
+    titles = {str(i): (f"Movie {i} ({1990 + i % 10})", ["Comedy", "Drama|Romance", "Action|Thriller"][i % 3]) for i in range(1, 31)}
+    import numpy as np
+    import pandas as pd
+
+    hist = body["history"]
+    frame = pd.DataFrame({"candidate_text": [item_text(*titles[c]) for c in body["candidates"]],
+                          "history_text": history_text([(titles[h][0], None) for h in hist]),
+                          "item_id": body["candidates"], "history_ids": [list(hist)] * len(body["candidates"]),
+                          "history_ratings": [[np.nan] * len(hist)] * len(body["candidates"]),
+                          "history_labels": [[np.nan] * len(hist)] * len(body["candidates"])})
+    return score_frame(model, tok, cfg, frame).tolist()
 
 
 def _promote(store, version: str, history: list[str]):
@@ -81,11 +111,10 @@ def serve_env(ray_session, tmp_path_factory):
     })
     store = Store.from_config(cfg.store)
     _write_catalog(store)
-    _write_export(store, cfg, "v0001", -1.0, tmp)
-    _write_export(store, cfg, "v0002", 1.0, tmp)
+    exports = {v: _write_export(store, cfg, v, b, tmp) for v, b in (("v0001", -1.0), ("v0002", 1.0))}
     _write_export(store, cfg, "v0003", 0.0, tmp, corrupt=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield {"cfg": cfg, "store": store, "url": f"http://127.0.0.1:{port}"}
+    yield {"cfg": cfg, "store": store, "url": f"http://127.0.0.1:{port}", "exports": exports}
     serve.shutdown()
 
 
@@ -191,8 +220,14 @@ def test_bearer_auth(serve_env, monkeypatch):
         serve.delete(APP_NAME)
 
 
-def test_hot_swap_no_failed_requests(app):
+def test_hot_swap_no_failed_requests_and_never_mixes_the_parts_of_two_versions(app):
     url = app["url"]
+    body = {"history": ["1"], "candidates": ["2", "3"]}
+    pure = {v: _expected(app["exports"], v, v, body) for v in ("v0001", "v0002")}
+    mixed = [_expected(app["exports"], "v0001", "v0002", body), _expected(app["exports"], "v0002", "v0001", body)]
+    for m in mixed:  # the check can tell a mix from either version
+        assert all(min(abs(a - b) for a, b in zip(m, p)) > 1e-3 for p in pure.values())
+    probs_seen: list[tuple[str, list[float]]] = []
     results: list[tuple[float, int, str | None]] = []
     lock = threading.Lock()
     swap_at: list[float] = []
@@ -201,9 +236,11 @@ def test_hot_swap_no_failed_requests(app):
         with requests.Session() as s:
             for _ in range(n):
                 try:
-                    r = s.post(url + "/v1/score", json={"history": ["1"], "candidates": ["2", "3"]}, timeout=30)
+                    r = s.post(url + "/v1/score", json=body, timeout=30)
                     v = r.json().get("model_version") if r.status_code == 200 else None
                     rec = (time.time(), r.status_code, v)
+                    if v:
+                        probs_seen.append((v, [x["probability"] for x in r.json()["scores"]]))
                 except Exception as exc:  # connection errors count as failures
                     rec = (time.time(), -1, repr(exc))
                 with lock:
@@ -226,6 +263,8 @@ def test_hot_swap_no_failed_requests(app):
     assert not late
     info = requests.get(url + "/v1/model", timeout=10).json()
     assert info["version"] == "v0002" and info["lineage"] == ["v0001", "v0002"] and info["reloads"] == 2
+    for version, probs in probs_seen:  # every answer is exactly its version's text part + its version's tables
+        assert probs == pytest.approx(pure[version], abs=1e-5), (version, probs, pure)
 
 
 def test_failed_load_is_refused_and_pinning(app):

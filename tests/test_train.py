@@ -17,21 +17,42 @@ TINY = ["model.backbone=tiny", "model.max_seq_len=24", "model.dropout=0.0", "tra
 
 
 def pattern_frame(n: int, seed: int) -> pd.DataFrame:
-    """Learnable: the candidate is liked when it says 'great', not when it says 'awful'."""
+    """Learnable from text only: the candidate is liked when it says 'great', not when it says 'awful'. The ids
+    (candidate and history) are random, so the collaborative part cannot learn it: the text part must."""
     rng = np.random.default_rng(seed)
     good = rng.random(n) < 0.5
+    hist = [[str(i)] for i in rng.integers(0, 50, n)]
     return pd.DataFrame({
         "candidate_text": np.where(good, "great movie", "awful movie"),
-        "history_text": [f"item {i} rated 4" for i in rng.integers(0, 50, n)],
+        "history_text": [f"item {h[0]} rated 4" for h in hist],
+        "item_id": [str(i) for i in rng.integers(0, 50, n)], "history_ids": hist,
+        "history_ratings": [[4.0]] * n, "history_labels": [[1.0]] * n,
         "label": good.astype(np.float32), "timestamp": np.arange(n, dtype=np.int64)})
 
 
-def datasets(cfg):
+def stage_collab(cfg, store):
+    """What the round's driver does before training: fit the tables (here on the random ids) and stage them."""
+    from llmrec_ray.collab import fit_collab, history_arrays, save_collab, warm_start
+
+    frame = pattern_frame(512, 0)
+    net, vocab = warm_start(None, frame["item_id"], cfg.model.collab.dim)
+    hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
+                          frame["history_labels"].tolist(), cfg.model.collab.history_len, 4.0)
+    fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), epochs=2)
+    import tempfile
+
+    out = tempfile.mkdtemp()
+    save_collab(net, vocab, out)
+    store.upload_dir(out, "staging/collab")
+    return store.key_uri("staging/collab"), vocab
+
+
+def datasets(cfg, vocab=None):
     import ray
 
     tok = model_source(cfg.model)
-    train = ingest.tokenize(ray.data.from_pandas(pattern_frame(512, 0)), cfg, tok)
-    val = ingest.tokenize(ray.data.from_pandas(pattern_frame(128, 1)), cfg, tok)
+    train = ingest.tokenize(ray.data.from_pandas(pattern_frame(512, 0)), cfg, tok, vocab)
+    val = ingest.tokenize(ray.data.from_pandas(pattern_frame(128, 1)), cfg, tok, vocab)
     return train.materialize(), val.materialize()
 
 
@@ -40,18 +61,21 @@ def rounds(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     cfg1 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "train.zero_stage=1"])
     store = Store.from_config(cfg1.store)
-    train, val = datasets(cfg1)
-    first = run_training(cfg1, train, val, None, "round1", store)
+    collab_uri, vocab = stage_collab(cfg1, store)
+    train, val = datasets(cfg1, vocab)  # the hybrid's inputs: tokens + the tables' rows and history tensors
+    first = run_training(cfg1, train, val, None, "round1", store, collab_uri=collab_uri)
     store.upload_dir(first.export_dir, "registry/versions/v0001/model")
     # Round 2: ZeRO 2 from round 1's export; the last worker dies at step 5 and is replaced. It died at step 3
     # before: once in a clean-clone run the replacement then started without any checkpoint, most likely because
     # the only one (step 0's) was not yet registered by Ray Train; step 5 comes after a second report.
     cfg2 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "train.zero_stage=2", "train.max_failures=1"])
     second = run_training(cfg2, train, val, store.key_uri("registry/versions/v0001/model"), "round2", store,
-                          extra_loop_config={"_kill_at_step": 5, "_kill_marker": str(root / "killed")})
-    cfg3 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "model.lora.enabled=true", "model.lora.r=4",
-                              "train.max_epochs=1"])
-    lora = run_training(cfg3, train, val, None, "lora", store)
+                          extra_loop_config={"_kill_at_step": 5, "_kill_marker": str(root / "killed")},
+                          collab_uri=collab_uri)
+    cfg3 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "model.kind=text", "model.lora.enabled=true",
+                              "model.lora.r=4", "train.max_epochs=1"])
+    text_train, text_val = datasets(cfg3)  # the text-only model: tokens alone
+    lora = run_training(cfg3, text_train, text_val, None, "lora", store)
     return {"first": first, "second": second, "lora": lora, "killed": (root / "killed").exists(), "cfg": cfg1}
 
 
@@ -76,13 +100,15 @@ def test_export_loads_with_plain_transformers_and_scores_match(rounds):
     plain = AutoModelForSequenceClassification.from_pretrained(export, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(export, local_files_only=True)
     model, tokenizer, cfg = load_export(export)
+    assert model.is_hybrid and model.vocab is not None  # both parts in one folder, loaded in one step
     cands, hists = ["great movie", "awful movie"], ["item 1 rated 4", "item 2 rated 4"]
-    ours = score_texts(model, tokenizer, cands, hists, cfg.model.max_seq_len)
     enc = tok(cands, hists, truncation="only_second", max_length=cfg.model.max_seq_len, padding="max_length", return_tensors="pt")
     with torch.no_grad():
-        theirs = torch.sigmoid(plain(**enc).logits.squeeze(-1)).numpy()
-    assert np.allclose(ours, theirs, atol=1e-5)
-    assert ours[0] > 0.5 > ours[1]  # it learned the pattern
+        theirs = plain(**enc).logits.squeeze(-1)
+        ours = model.lm(**enc).logits.squeeze(-1)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)  # the text part is a stock transformers model
+    hybrid = score_texts(model, tokenizer, cands, hists, cfg.model.max_seq_len)
+    assert hybrid[0] > 0.5 > hybrid[1]  # the fused model learned the pattern through its text part
     assert cfg.train.zero_stage == 1  # the resolved config travels with the weights
 
 
@@ -91,6 +117,7 @@ def test_lora_round_trains_and_exports_merged(rounds):
     assert m["best_val_loss"] < m["first_val_loss"]
     model, _, cfg = load_export(rounds["lora"].export_dir)  # plain transformers: adapters merged
     assert cfg.model.lora.enabled and not any("lora" in n for n, _ in model.named_parameters())
+    assert not model.is_hybrid
 
 
 def test_deepspeed_config_is_derived_from_config():

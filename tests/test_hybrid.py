@@ -1,0 +1,141 @@
+"""The hybrid scorer without Ray: forward / export / load round trip, id growth between rounds, fallback to
+text for ids the tables never saw, and the collaborative part learning what popularity cannot."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from llmrec_ray.collab import CollabNet, ItemVocab, fit_collab, history_arrays, load_collab, predict_logits, warm_start
+from llmrec_ray.config import load_config
+from llmrec_ray.model import HybridScorer, build_model, encode_inputs, load_export, save_export, score_frame
+
+CANDS = ["Toy Story (1995) | Animation", "Heat (1995) | Action", "A brand new film | Drama"]
+HISTS = ["Jumanji (1995) rated 5", "no history", "Heat (1995) rated 1 ; Toy Story (1995) rated 5"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(None, ["model.backbone=tiny", "model.max_seq_len=24", "model.dropout=0.0", "model.collab.dim=4",
+                              "model.collab.history_len=3"])
+
+
+def _hybrid(cfg, ids=("1", "2", "3"), seed=0):
+    lm, tokenizer = build_model(cfg.model)
+    torch.manual_seed(seed)
+    collab = CollabNet(len(ids), cfg.model.collab.dim)
+    for p in collab.parameters():  # non-zero everywhere but the unknown row, so every term shows in the score
+        torch.nn.init.normal_(p, std=0.5)
+    for table in (collab.cand, collab.hist_liked, collab.hist_disliked, collab.item_bias):
+        with torch.no_grad():
+            table.weight[0].zero_()
+    return HybridScorer(lm, collab, ItemVocab(ids), [0.7, 0.3, -0.2, 0.1]).eval(), tokenizer
+
+
+def _frame(item_ids, history_ids):
+    return pd.DataFrame({"candidate_text": CANDS, "history_text": HISTS, "item_id": item_ids,
+                         "history_ids": history_ids, "history_ratings": [[5.0]] * 2 + [[1.0, 5.0]],
+                         "history_labels": [[1.0]] * 2 + [[0.0, 1.0]]})
+
+
+def test_hybrid_export_round_trip_and_the_text_part_loads_alone(cfg, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer = _hybrid(cfg)
+    frame = _frame(["1", "2", "9"], [["2"], [], ["2", "1"]])
+    before = score_frame(model, tokenizer, cfg, frame)
+    save_export(model, tokenizer, cfg, tmp_path / "m")
+    loaded, tok2, cfg2 = load_export(tmp_path / "m")
+    assert loaded.is_hybrid and cfg2 == cfg and loaded.vocab.ids == ["1", "2", "3"]
+    np.testing.assert_allclose(score_frame(loaded, tok2, cfg2, frame), before, atol=1e-6)
+    # stock transformers loads the text part alone and gives the text part's logits
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "m", local_files_only=True).eval()
+    enc = encode_inputs(tok2, None, cfg2, CANDS, HISTS)
+    with torch.no_grad():
+        theirs = plain(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.squeeze(-1)
+        ours = loaded.lm(**{k: torch.from_numpy(v) for k, v in enc.items()}).logits.squeeze(-1)
+    torch.testing.assert_close(theirs, ours)
+
+
+def test_unknown_candidate_and_history_items_fall_back_to_text(cfg):
+    model, tokenizer = _hybrid(cfg)
+    # an unknown candidate: no item term, only the text (lm) terms and the history's features
+    a = score_frame(model, tokenizer, cfg, _frame(["x", "y", "z"], [["2"], [], ["2", "1"]]))
+    b = score_frame(model, tokenizer, cfg, _frame(["1", "2", "3"], [["2"], [], ["2", "1"]]))
+    assert not np.allclose(a, b)  # the tables speak for known candidates
+    enc = encode_inputs(tokenizer, model.vocab, cfg, CANDS, HISTS, ["x", "y", "z"], [["q"], [], ["r", "s"]],
+                        [[5.0], [], [1.0, 5.0]], [[1.0], [], [0.0, 1.0]])
+    assert (enc["cand_rows"] == 0).all() and (enc["hist_rows"] == 0).all()
+    assert enc["hist_present"].sum() == 3  # unknown history items still count (n, like rate, ratings)
+    with torch.no_grad():
+        t = {k: torch.from_numpy(v) for k, v in enc.items()}
+        lm = model.lm(input_ids=t["input_ids"], attention_mask=t["attention_mask"], token_type_ids=t["token_type_ids"]).logits.squeeze(-1)
+        w = model.fusion_weights()
+        _, f = model.collab.user_side(t["hist_rows"], t["hist_present"], t["hist_liked"], t["hist_rating"], t["hist_rated"])
+        f = torch.cat([f, torch.zeros(len(f), 1)], dim=-1)  # an unknown candidate has no training count
+        expected = (model.collab.mu + model.collab.user_features(f).squeeze(-1)
+                    + (w[0] + w[1]) * lm + w[2] + w[3])
+        torch.testing.assert_close(model(**t), expected)
+
+
+def test_ids_grow_between_rounds_old_rows_unchanged(cfg):
+    net, vocab = warm_start(None, ["b", "a", "a"], dim=4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    grown, vocab2 = warm_start((net, vocab), ["c", "a", "d"], dim=4)
+    assert vocab2.ids == ["a", "b", "c", "d"] and vocab2.rows(["a", "b"]).tolist() == vocab.rows(["a", "b"]).tolist()
+    for name in ("cand", "hist_liked", "hist_disliked", "item_bias"):
+        old, new = getattr(net, name).weight, getattr(grown, name).weight
+        torch.testing.assert_close(new[:3], old)  # rows 0..2: unknown, a, b
+        assert (new[3:] == 0).all()  # c, d start at zero
+    torch.testing.assert_close(grown.user_features.weight, net.user_features.weight)
+
+
+def test_collab_learns_taste_from_history_that_popularity_cannot(tmp_path):
+    # two tastes: users who liked item A like item C and dislike D, and the other way round. Every item is
+    # liked half of the time, so popularity is at chance; the history-read user side must find the taste.
+    rng = np.random.default_rng(0)
+    cands, hist_ids, hist_r, labels = [], [], [], []
+    for _ in range(4000):
+        taste = rng.integers(2)
+        cand = rng.choice(["C", "D"])
+        cands.append(cand)
+        hist_ids.append(["A" if taste else "B"])
+        hist_r.append([5.0])
+        labels.append(float((cand == "C") == bool(taste)))
+    vocab = ItemVocab(["A", "B", "C", "D"])
+    hist = history_arrays(vocab, hist_ids, hist_r, [[np.nan]] * len(cands), 2, 4.0)
+    net = CollabNet(len(vocab), 4)
+    fit_collab(net, vocab.rows(cands), hist, np.array(labels), epochs=30, batch_size=256, lr=0.05)
+    p = predict_logits(net, vocab.rows(cands), hist)
+    from llmrec_ray.metrics import auc
+
+    assert auc(labels, p) > 0.95
+    from llmrec_ray.collab import save_collab
+
+    save_collab(net, vocab, tmp_path)
+    net2, vocab2 = load_collab(tmp_path)
+    np.testing.assert_allclose(predict_logits(net2, vocab2.rows(cands), hist), p, atol=1e-6)
+
+
+def test_bad_hybrid_exports_are_refused(cfg, tmp_path):
+    model, tokenizer = _hybrid(cfg)
+    good = save_export(model, tokenizer, cfg, tmp_path / "good")
+    (good / "fusion.json").write_text(json.dumps({"weights": [1.0]}))
+    with pytest.raises(ValueError, match="fusion"):
+        load_export(good)
+    (good / "collab.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing.*collab.safetensors"):
+        load_export(good)
+
+
+def test_text_kind_exports_only_the_text_part(tmp_path):
+    cfg = load_config(None, ["model.kind=text", "model.backbone=tiny", "model.max_seq_len=24"])
+    lm, tokenizer = build_model(cfg.model)
+    save_export(lm, tokenizer, cfg, tmp_path / "t")
+    assert not (tmp_path / "t" / "collab.safetensors").exists()
+    loaded, _, _ = load_export(tmp_path / "t")
+    assert not loaded.is_hybrid
