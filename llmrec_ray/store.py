@@ -173,6 +173,24 @@ class Store:
                 keys.append(key)
         return sorted(keys)
 
+    def list_versions(self, prefix: str = "", suffix: str = "") -> dict[str, str]:
+        """{key: version tag} for the objects `list()` returns, from one listing (no object is read).
+
+        The tag changes whenever an object is rewritten: the S3 ETag, or locally "size:mtime_ns".
+        """
+        if self.scheme == "file":
+            infos = [self.fs.get_file_info(self.fs_path(k)) for k in self.list(prefix, suffix)]
+            return {info.path[len(self.root):].lstrip("/"): f"{info.size}:{info.mtime_ns}" for info in infos}
+        base = self._s3_key(prefix).rstrip("/")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        tags = {}
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{base}/" if base else ""):
+            for obj in page.get("Contents", []):
+                key = obj["Key"][strip:]
+                if key.endswith(suffix) and not key.rsplit("/", 1)[-1].startswith("."):
+                    tags[key] = obj["ETag"]
+        return dict(sorted(tags.items()))
+
     def delete(self, key: str) -> None:
         try:
             self.fs.delete_file(self.fs_path(key))

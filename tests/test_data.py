@@ -1,5 +1,6 @@
 """Data plane: importers -> shards -> ledger (quarantine, exactly-once) -> examples, on file:// and real S3."""
 
+import hashlib
 import io
 import threading
 
@@ -73,6 +74,112 @@ def test_corrupt_and_bad_shards_are_quarantined_rest_carries_on(store_cfg):
     assert [s.key for s in ledger.shards()] == good
     assert store.exists("quarantine/interactions/period=2030-01-07/part-00000.parquet.report.json")
     assert not store.exists("interactions/period=2030-01-07/part-00000.parquet")
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(frame, schema=INTERACTION_SCHEMA, preserve_index=False), buf)
+    return buf.getvalue()
+
+
+def test_copies_are_not_learned_again_and_duplicate_rows_are_dropped(store_cfg):
+    cfg = load_config(None, SMALL_SYNTH)
+    store = Store.from_config(store_cfg)
+    generate_synth(cfg, store, progress=False)
+    ledger = Ledger(store)
+    ledger.refresh()
+    keys = [s.key for s in ledger.shards()]
+    assert all(s.sha256 == hashlib.sha256(store.read_bytes(s.key)).hexdigest() for s in ledger.shards())
+    ledger.commit(keys[:1], "v0001", {"v0001"})
+    # byte-identical copies under new period names: of a consumed shard and of a registered, unconsumed one
+    copy_of_consumed, copy_of_new = ("interactions/period=2099-01-05/part-00000.parquet",
+                                     "interactions/period=2099-01-12/part-00000.parquet")
+    store.write_bytes(copy_of_consumed, store.read_bytes(keys[0]))
+    store.write_bytes(copy_of_new, store.read_bytes(keys[1]))
+    # new events (a later week), every row twice
+    events = read_shard(store, keys[2]).to_pandas()
+    events["timestamp"] += 100 * 7 * 86400
+    doubled = "interactions/period=2099-01-19/part-00000.parquet"
+    store.write_bytes(doubled, _parquet(pd.concat([events, events])))
+
+    reports = {r["shard"]: r for r in ledger.refresh()}
+    assert set(reports) == {copy_of_consumed, copy_of_new, doubled}
+    assert reports[copy_of_consumed]["kind"] == "duplicate_content" and reports[copy_of_consumed]["duplicate_of"] == keys[0]
+    assert "consumed by v0001" in reports[copy_of_consumed]["problems"][0]["reason"]
+    assert reports[copy_of_new]["duplicate_of"] == keys[1]
+    assert store.exists(f"quarantine/{copy_of_consumed}") and not store.exists(copy_of_consumed)  # kept, as received
+    dedup = reports[doubled]
+    assert dedup["kind"] == "duplicate_rows" and dedup["num_rows"] == 2 * len(events)
+    assert dedup["duplicate_rows_dropped"] == dedup["problems"][0]["bad_rows"] == len(events)
+    unique_key = dedup["registered_as"]
+    assert [s.key for s in ledger.new_shards({"v0001"})] == keys[1:] + [unique_key]  # no copy is new
+    unique = read_shard(store, unique_key).to_pandas()
+    assert len(unique) == len(events) and not unique.duplicated().any()
+    frame = ingest.examples_frame(cfg, store, [unique_key], history_keys=keys)
+    assert len(frame) == len(events)  # one training example per event, not two
+
+    # the doubled shard as received, uploaded again under yet another name: recognised by its hash
+    again = "interactions/period=2099-01-26/part-00000.parquet"
+    store.write_bytes(again, store.read_bytes(f"quarantine/{doubled}"))
+    assert [(r["shard"], r["duplicate_of"]) for r in ledger.refresh()] == [(again, unique_key)]
+    assert ledger.refresh() == []  # nothing left to report
+
+
+def test_registered_shard_turning_unreadable_changed_or_missing_is_reported(store_cfg):
+    cfg = load_config(None, SMALL_SYNTH)
+    store = Store.from_config(store_cfg)
+    generate_synth(cfg, store, progress=False)
+    ledger = Ledger(store)
+    ledger.refresh()
+    keys = [s.key for s in ledger.shards()]
+    ledger.commit(keys[:1], "v0001", {"v0001"})
+    missing_bytes = store.read_bytes(keys[3])
+    store.write_bytes(keys[1], b"garbage, not Parquet")        # registered, not yet consumed
+    store.write_bytes(keys[0], store.read_bytes(keys[2]))      # consumed, then overwritten with other events
+    store.delete(keys[3])
+
+    reports = {r["shard"]: r for r in ledger.refresh()}
+    assert {k: r["kind"] for k, r in reports.items()} == {keys[0]: "changed", keys[1]: "unreadable", keys[3]: "missing"}
+    assert "no longer readable Parquet" in reports[keys[1]]["problems"][0]["reason"]
+    assert "consumed by v0001" in reports[keys[0]]["problems"][0]["reason"] and reports[keys[0]]["consumed_by"] == ["v0001"]
+    assert store.exists(f"quarantine/{keys[1]}.report.json") and not store.exists(keys[1])
+    assert [s.key for s in ledger.shards()] == [keys[2]]  # the rest carries on
+    assert set(ledger.quarantined()) == {keys[0], keys[1], keys[3]}
+    store.write_bytes(keys[3], missing_bytes)  # restored as it was: registered again, no report
+    assert ledger.refresh() == [] and [s.key for s in ledger.shards()] == [keys[2], keys[3]]
+
+
+def test_ledger_written_before_hashing_gets_hashes(tmp_path):
+    cfg = load_config(None, [f"store.uri={tmp_path}", *SMALL_SYNTH])
+    store = Store.from_config(cfg.store)
+    generate_synth(cfg, store, progress=False)
+    ledger = Ledger(store)
+    ledger.refresh()
+    got = store.read_json("ledger.json")
+    old = {"shards": {k: {f: v[f] for f in ("period", "num_rows", "consumed_by")} for k, v in got.value["shards"].items()},
+           "quarantined": {}}
+    store.put_json("ledger.json", old, got.etag)
+    assert all(s.sha256 is None for s in ledger.shards())
+    assert ledger.refresh() == []
+    assert all(s.sha256 == hashlib.sha256(store.read_bytes(s.key)).hexdigest() for s in ledger.shards())
+
+
+def test_rounds_go_on_past_a_garbage_shard_and_skip_a_copy(tmp_path, monkeypatch):
+    from llmrec_ray import pipeline
+    from tests.test_pipeline import _store, fake_train
+
+    monkeypatch.setattr(pipeline, "gate", lambda cfg, cand, prev, forgetting: (True, "test: approve"))
+    cfg, store = _store("file", tmp_path)
+    keys = store.list("interactions")
+    first = pipeline.run_round(cfg, store, train_fn=fake_train)
+    assert first.promoted and first.round_shards == keys[:2]
+    store.write_bytes(keys[2], b"overwritten with garbage after it was registered")
+    store.write_bytes("interactions/period=2099-01-05/part-00000.parquet", store.read_bytes(keys[0]))
+    second = pipeline.run_round(cfg, store, train_fn=fake_train)
+    assert second.promoted and second.round_shards == keys[3:4]
+    quarantined = Ledger(store).quarantined()
+    assert quarantined[keys[2]]["kind"] == "unreadable"
+    assert quarantined["interactions/period=2099-01-05/part-00000.parquet"]["duplicate_of"] == keys[0]
 
 
 def test_validation_names_the_problem():
