@@ -89,6 +89,35 @@ def config_from_args(args: argparse.Namespace) -> Config:
 # Nothing is downloaded at run time: models come from installed packages or the store.
 LOCAL_WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
+# A local Ray listens on loopback only. `_node_ip_address="127.0.0.1"` alone does nothing on Linux: Ray swaps a
+# loopback node IP for the machine's reachable address (ray._private.services.resolve_ip_for_localhost) unless
+# multi-node clusters are switched off -- Ray's default on macOS and Windows, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# elsewhere. Then GCS, raylet, every worker, the dashboard and runtime-env agents and the metrics exporter bind
+# 127.0.0.1. What no setting reaches is listed in README "Network exposure" and in tests/test_loopback.py.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+LOOPBACK = "127.0.0.1"
+
+
+def start_local_ray(num_cpus: int, **init_kwargs) -> None:
+    """Start a single-node Ray bound to 127.0.0.1 (the `llmrec` commands and the tests' session Ray)."""
+    os.environ.update(LOCAL_RAY_ENV)  # read by Ray at import, here and in every process it starts
+    # The workers inherit this environment. Setting it here rather than in a runtime_env matters on small
+    # machines: workers with a runtime_env cannot come from Ray's prestarted pool, so every task and actor
+    # would start (and import) a second set of worker processes.
+    for key, value in LOCAL_WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process may have imported ray before the variable was set
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host=LOOPBACK,
+             _node_ip_address=LOOPBACK, **init_kwargs)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOOPBACK:  # a Ray upgrade changed the switch: refuse to run exposed
+        ray.shutdown()
+        raise RuntimeError(f"local Ray came up on node IP {node_ip}, not {LOOPBACK}: it would listen on the "
+                           f"network; check {LOCAL_RAY_ENV} against this Ray version (tests/test_loopback.py)")
+
 
 def ensure_ray(cfg: Config) -> None:
     """Attach to a cluster (cfg.ray.address / RAY_ADDRESS, as under `ray job submit`) or start a local Ray."""
@@ -100,17 +129,11 @@ def ensure_ray(cfg: Config) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        # A local Ray's workers inherit this environment. Setting it here rather than in a runtime_env
-        # matters on small machines: workers with a runtime_env cannot come from Ray's prestarted pool,
-        # so every task and actor would start (and import) a second set of worker processes.
-        for key, value in LOCAL_WORKER_ENV.items():
-            os.environ.setdefault(key, value)
         # Logical CPUs beyond the train workers' and the Serve replicas' own, or Ray Data's tasks starve
         # ("backpressured ... ResourceBudget") while workers and replicas hold every CPU.
         serve_cpus = 2 * cfg.serve.num_replicas * cfg.serve.num_cpus_per_replica
         num_cpus = cfg.ray.num_cpus or int(cfg.train.num_workers * cfg.train.cpus_per_worker + serve_cpus + 4)
-        # Loopback only: a local Ray never needs to listen on the machine's network interfaces.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1")
+        start_local_ray(num_cpus)
 
 
 def _store(cfg: Config):

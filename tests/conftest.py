@@ -122,13 +122,10 @@ def ray_session(tmp_path_factory):
     """One local Ray for the whole test session: logical CPUs beyond the train workers and Serve replicas, or Ray Data starves."""
     import ray
 
-    from llmrec_ray.cli import LOCAL_WORKER_ENV
+    from llmrec_ray.cli import start_local_ray
 
-    for key, value in LOCAL_WORKER_ENV.items():  # inherited by the workers (see cli.ensure_ray)
-        os.environ.setdefault(key, value)
     temp_dir = tempfile.mkdtemp(prefix="llmrec-ray-", dir="/tmp")  # short path: Ray's socket names are length-limited
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    start_local_ray(num_cpus=8, _temp_dir=temp_dir, log_to_driver=False)  # as `llmrec` does: loopback only, same env
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)

@@ -29,7 +29,10 @@ def ray_head(tmp_path_factory):
     """A Ray head on free ports, shared by this module's tests; yields a JobSubmissionClient."""
     tmp_path = tmp_path_factory.mktemp("rayhead")
     port, dash, agent = _free_port(), _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+    from llmrec_ray.cli import LOCAL_RAY_ENV
+
+    env = {**os.environ, **LOCAL_RAY_ENV,  # a single-node head on loopback only, like cluster/local.yaml's
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
            # The entrypoint's `python` must be this venv's (as with an activated venv or the cluster image).
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     previous_auth = os.environ.get("RAY_AUTH_MODE")
