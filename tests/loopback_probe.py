@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import pathlib
+import shutil
 import sys
 import tempfile
 import threading
@@ -139,6 +140,7 @@ def main(serve_port: int) -> None:
     print("LOOPBACK_REPORT " + json.dumps(report), flush=True)
     serve.shutdown()
     ray.shutdown()
+    shutil.rmtree(signals, ignore_errors=True)
 
 
 if __name__ == "__main__":
