@@ -238,11 +238,15 @@ def cmd_train(args, cfg: Config) -> int:
 
 
 def cmd_round(args, cfg: Config) -> int:
-    from llmrec_ray.pipeline import run_round
+    from llmrec_ray.pipeline import LOST_RACE, run_round
 
     ensure_ray(cfg)
     report = run_round(cfg, _store(cfg))
     _print(report.to_dict() if hasattr(report, "to_dict") else report)
+    if getattr(report, "decision", None) == LOST_RACE:  # exit 3, like every other lost compare-and-swap
+        print(f"llmrec: error: round lost the promotion race: {report.reason}; run it again to continue from the "
+              "promoted version", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -50,7 +50,7 @@ def run_continuous(cfg: Config, store, stop: Optional[StopFlag] = None,
                    round_fn: Optional[Callable] = None) -> list:
     """Poll for new shards; run a round when thresholds are met. Returns the rounds' reports."""
     from llmrec_ray.ledger import Ledger
-    from llmrec_ray.pipeline import run_round
+    from llmrec_ray.pipeline import LOST_RACE, run_round
     from llmrec_ray.registry import Registry
 
     round_fn = round_fn or run_round
@@ -68,7 +68,9 @@ def run_continuous(cfg: Config, store, stop: Optional[StopFlag] = None,
             print(f"continuous: {len(new)} new shards ({rows:,} rows) -> round {len(reports) + 1}")
             report = round_fn(cfg, store)
             reports.append(report)
-            rejected_at = None if getattr(report, "promoted", True) else len(new)
+            # a rejected or waiting round waits for more data; a lost promotion race retries at once from the winner
+            retry = getattr(report, "promoted", True) or getattr(report, "decision", None) == LOST_RACE
+            rejected_at = None if retry else len(new)
             if cfg.continuous.max_rounds and len(reports) >= cfg.continuous.max_rounds:
                 break
             continue  # more may be waiting: check again at once

@@ -9,6 +9,10 @@ Every round starts by reconciling: if the promoted version's shards are not yet 
 ledger (a crash between promotion and ledger commit), they are committed first. So a crash at any
 step followed by a rerun never consumes a shard twice nor skips one.
 
+Races: promotion is a compare-and-swap on "the promoted version is still this round's parent". Of two rounds
+started from the same parent exactly one promotes; the other reports LOST_RACE, commits nothing in the ledger
+and leaves its candidate registered, unpromoted (the next round starts from the winner).
+
 Periods: the round learns the oldest new shard(s) (data.first_round_shards in the first round,
 data.shards_per_round later). The gate compares candidate and promoted model on the *next* period
 (the following shard, not yet learned); for the newest shard there is no next period and the gate
@@ -27,10 +31,11 @@ import pandas as pd
 
 from llmrec_ray.config import Config
 from llmrec_ray.ledger import Ledger, read_shard
-from llmrec_ray.registry import Registry
+from llmrec_ray.registry import PromotionConflict, Registry
 from llmrec_ray.store import Store
 
 FAIL_POINTS = ("after_eval", "after_train", "after_register", "after_promote")
+LOST_RACE = "lost race"  # RoundReport.decision when another writer promoted first: nothing committed
 
 
 class InjectedFailure(RuntimeError):
@@ -245,7 +250,15 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
         report.metrics = approved.get("eval", {})
 
     # 5. promote (the commit point), then commit the ledger
-    registry.promote(report.version)
+    try:
+        registry.promote(report.version, expected_parent=parent)
+    except PromotionConflict as exc:  # another round (or `llmrec models promote`) moved the pointer meanwhile
+        report.decision = LOST_RACE
+        report.reason = (f"{exc.promoted or 'nothing'} was promoted while this round trained from {parent or 'the backbone'}; "
+                         f"{report.version} stays registered, unpromoted, and no shard was committed")
+        print(f"round: lost the promotion race: {report.reason}")
+        report.round_seconds = time.time() - started
+        return report
     report.promoted = True
     if fail_at == "after_promote":
         raise InjectedFailure("after_promote")

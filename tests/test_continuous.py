@@ -54,3 +54,24 @@ def test_rejected_round_waits_for_more_data(tmp_path):
     timer.start()
     run_continuous(cfg, store, stop=stop, round_fn=round_fn)
     assert len(calls) == 1  # no new shard arrived after the rejection: no second round on the same data
+
+
+def test_round_that_lost_the_promotion_race_is_retried_at_once(tmp_path):
+    cfg, store = _store("file", tmp_path)
+    cfg.continuous.poll_interval_s = 0.1
+    cfg.continuous.max_rounds = 2
+    calls = []
+
+    class LostRace:
+        promoted, decision = False, pipeline.LOST_RACE
+
+    def round_fn(c, s):
+        calls.append(1)
+        return LostRace()
+
+    stop = StopFlag()
+    timer = threading.Timer(5.0, stop.set)  # a safety net: without a retry the loop would wait for new data
+    timer.start()
+    run_continuous(cfg, store, stop=stop, round_fn=round_fn)
+    timer.cancel()
+    assert len(calls) == 2  # another writer promoted: the next round starts from the winner, no waiting

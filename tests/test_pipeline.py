@@ -3,6 +3,8 @@ same end state: no shard consumed twice or skipped, the pointer intact). Trainin
 fake trainer here; tests/test_train.py and the Ray Jobs test run the real one."""
 
 import json
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,3 +150,54 @@ def test_rejected_shards_are_learned_with_the_next_ones_not_retrained_alone(tmp_
     report = pipeline.run_round(retry, store, train_fn=train)
     assert report.promoted and report.round_shards == s[2:3]
     assert [sh.consumed_by for sh in Ledger(store).shards()][2] == [report.version]
+
+
+# Another round, in another process: registers its own candidate of the same parent and shards, promotes it (CAS on
+# the parent) and commits the ledger -- what a second `llmrec round` started at the same time does.
+RIVAL_ROUND = """
+import json, sys
+from llmrec_ray.config import StoreConfig
+from llmrec_ray.ledger import Ledger
+from llmrec_ray.registry import Registry
+from llmrec_ray.store import Store
+
+uri, export_dir, parent, shards = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+store = Store.from_config(StoreConfig(uri=uri))
+registry = Registry(store)
+version = registry.create_version(export_dir, parent=parent, shards=shards, gate={"decision": "promote", "reason": "rival"})
+registry.promote(version, expected_parent=parent)
+Ledger(store).commit(shards, version, registry.lineage(version))
+"""
+
+
+def test_round_that_loses_the_promotion_race_commits_nothing(tmp_path, approve_all, monkeypatch, capsys):
+    from llmrec_ray import cli
+
+    cfg, store = _store("file", tmp_path)
+    parent = pipeline.run_round(cfg, store, train_fn=fake_train).version
+
+    def train_while_another_round_promotes(cfg, store, targets, older, replay, init_uri, run_name):
+        result = fake_train(cfg, store, targets, older, replay, init_uri, run_name)
+        subprocess.run([sys.executable, "-c", RIVAL_ROUND, store.uri, str(result.export_dir), parent, json.dumps(targets)],
+                       check=True, timeout=300)
+        return result
+
+    report = pipeline.run_round(cfg, store, train_fn=train_while_another_round_promotes)
+    registry, ledger = Registry(store), Ledger(store)
+    winner = registry.promoted_version()
+    assert winner not in (parent, report.version) and registry.show(winner)["gate"]["reason"] == "rival"
+    assert report.decision == pipeline.LOST_RACE and not report.promoted and winner in report.reason
+    assert registry.show(report.version)["parent"] == parent  # registered, never promoted
+    assert registry.promoted().value["history"] == [parent, winner]
+    assert not [s.key for s in ledger.shards() if report.version in s.consumed_by]  # nothing committed by the loser
+    assert [s.consumed_by for s in ledger.shards() if s.key in report.round_shards] == [[winner]]
+    new = [s.key for s in ledger.new_shards(registry.lineage_of_promoted())]
+    assert new and not set(new) & set(report.round_shards)  # the next round starts from the winner, after its shards
+
+    # `llmrec round` (and jobs/round.py) reports the lost race in one line and exits non-zero
+    monkeypatch.setattr(cli, "ensure_ray", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "run_round", lambda cfg, store: report)
+    capsys.readouterr()
+    assert cli.main(["round", "--set", f"store.uri={store.uri}"]) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "lost the promotion race" in err and winner in err
