@@ -199,9 +199,8 @@ def _ingest_preview(cfg: Config, store, ledger, num_shards: int) -> int:
 
 
 def cmd_train(args, cfg: Config) -> int:
-    from llmrec_ray import ingest, train
+    from llmrec_ray import train
     from llmrec_ray.ledger import Ledger
-    from llmrec_ray.model import model_source
     from llmrec_ray.registry import Registry, model_prefix
 
     store = _store(cfg)
@@ -222,11 +221,8 @@ def cmd_train(args, cfg: Config) -> int:
     init_uri = store.key_uri(model_prefix(parent)) if parent else None
     ensure_ray(cfg)
     older = [s.key for s in ledger.shards() if s.period < new[0].period]
-    ds = ingest.build_examples(cfg, store, [s.key for s in new], history_keys=older,
-                               replay_keys=[k for k in older if k in learned], max_rows=cfg.data.max_rows_per_round)
-    ds = ingest.tokenize(ds, cfg, model_source(cfg.model))
-    train_ds, val_ds = ingest.split_by_time(ds, cfg.data.val_fraction)
-    result = train.run_training(cfg, train_ds, val_ds, init_uri, f"train-{int(time.time())}", store)
+    result = train.train_candidate(cfg, store, [s.key for s in new], older, [k for k in older if k in learned], init_uri,
+                                   f"train-{int(time.time())}")
     version = registry.create_version(
         result.export_dir, parent=parent, shards=[s.key for s in new], config=cfg.to_dict(redact=True),
         metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},

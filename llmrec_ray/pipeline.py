@@ -21,7 +21,6 @@ uses the round's time-split validation rows. Forgetting is measured on the oldes
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +32,7 @@ from llmrec_ray.config import Config
 from llmrec_ray.ledger import Ledger, read_shard
 from llmrec_ray.registry import PromotionConflict, Registry
 from llmrec_ray.store import Store
+from llmrec_ray.train import train_candidate
 
 FAIL_POINTS = ("after_eval", "after_train", "after_register", "after_promote")
 LOST_RACE = "lost race"  # RoundReport.decision when another writer promoted first: nothing committed
@@ -88,7 +88,7 @@ def _frame(cfg: Config, store: Store, targets: list[str], older: list[str]) -> p
 
 
 def _events(store: Store, keys: list[str]) -> pd.DataFrame:
-    cols = ["user_id", "item_id", "label", "timestamp"]
+    cols = ["user_id", "item_id", "rating", "label", "timestamp"]
     return pd.concat([read_shard(store, k).select(cols).to_pandas() for k in keys], ignore_index=True) if keys else pd.DataFrame(columns=cols)
 
 
@@ -135,25 +135,15 @@ def _find_approved(registry: Registry, parent: Optional[str], shards: list[str])
     return None
 
 
-def _default_train(cfg: Config, store: Store, targets: list[str], older: list[str], replay: list[str],
-                   init_uri: Optional[str], run_name: str):
-    from llmrec_ray import ingest, train
-    from llmrec_ray.model import model_source
-
-    ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=replay, max_rows=cfg.data.max_rows_per_round)
-    train_ds, val_ds = ingest.split_by_time(ingest.tokenize(ds, cfg, model_source(cfg.model)), cfg.data.val_fraction)
-    return train.run_training(cfg, train_ds, val_ds, init_uri, run_name, store)
-
-
 def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn: Optional[Callable] = None) -> RoundReport:
     from llmrec_ray.evaluate import baseline_scorer, evaluate_all, model_scorer
-    from llmrec_ray.baselines import BiasedMF, Popularity
+    from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity
     from llmrec_ray.ingest import item_texts, load_catalog
 
     if fail_at is not None and fail_at not in FAIL_POINTS:
         raise ValueError(f"fail_at={fail_at!r}; use one of {FAIL_POINTS}")
     started = time.time()
-    train_fn = train_fn or _default_train
+    train_fn = train_fn or train_candidate
     ledger, registry = Ledger(store), Registry(store, cfg.registry.keep_versions)
     ledger.refresh()
     reconcile(ledger, registry)
@@ -216,10 +206,12 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
             eval_frame = _frame(cfg, store, round_shards, older)
             eval_frame = eval_frame[eval_frame["timestamp"] >= eval_frame["timestamp"].quantile(1 - cfg.data.val_fraction)]
         history = _events(store, seen)
+        log = _events(store, seen + [next_shard]) if next_shard else history  # history_lr reads events before each row
         scorers = {"candidate": model_scorer(result.export_dir),
                    "promoted": promoted_scorer,
                    "popularity": baseline_scorer(Popularity().fit(history)),
-                   "mf": baseline_scorer(BiasedMF().fit(history))}
+                   "mf": baseline_scorer(BiasedMF().fit(history)),
+                   "history_lr": baseline_scorer(HistoryLogistic().fit(history), log)}
         report.metrics["next"] = evaluate_all(scorers, eval_frame, texts, history, cfg)
         forgetting = None
         if parent_dir is not None and learned:
