@@ -32,10 +32,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.num_workers=2 (repeatable)")
     p.add_argument("--store", help="shorthand for --set store.uri=URI (file:///dir, a path, or s3://bucket/prefix)")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="on an error, print the traceback too (default: one line naming the problem and the fix)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmrec", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="on an error, print the traceback too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="import, generate and inspect interaction shards")
@@ -204,15 +207,12 @@ def cmd_train(args, cfg: Config) -> int:
     from llmrec_ray.registry import Registry, model_prefix
 
     store = _store(cfg)
-    ledger = Ledger(store)
-    ledger.refresh()
     registry = Registry(store, cfg.registry.keep_versions)
     parent = registry.promoted_version() if args.init_from == "promoted" else None
-    if args.init_from not in ("promoted", "backbone"):
-        if not re.fullmatch(r"v\d{4,}", args.init_from):
-            raise ValueError(f"--init-from {args.init_from!r}: use 'promoted', 'backbone' or a registry version "
-                             f"such as v0001 (see: llmrec models list)")
+    if args.init_from not in ("promoted", "backbone"):  # its form was checked by _check_args
         parent = registry.show(args.init_from)["version"]  # RegistryError names the known versions
+    ledger = Ledger(store)
+    ledger.refresh()  # the first write: after every check
     learned = registry.trained_shards(parent)
     new = [s for s in ledger.new_shards(registry.lineage_of_promoted()) if s.key not in learned][: args.shards]
     if not new:
@@ -307,25 +307,73 @@ COMMANDS: dict[str, Callable] = {
 }
 
 
+def _check_args(args) -> None:
+    """Argument values that argparse cannot check, before anything is read or written."""
+    init_from = getattr(args, "init_from", "promoted")
+    if init_from not in ("promoted", "backbone") and not re.fullmatch(r"v\d{4,}", init_from):
+        raise ValueError(f"--init-from {init_from!r}: use 'promoted', 'backbone' or a registry version "
+                         f"such as v0001 (see: llmrec models list)")
+
+
+# Commands that create the store if it is not there; every other one needs an existing store.
+CREATES_STORE = {("data", "import"), ("data", "synth"), ("demo", None)}
+
+
+def _check_store(args, cfg: Config) -> None:
+    """Fail fast, before any write and before Ray starts: the store is reachable and, unless the command creates it,
+    exists (a mistyped --store would otherwise start Ray and report "no new shards")."""
+    creates = (args.command, getattr(args, "data_command", None)) in CREATES_STORE
+    _store(cfg).check(must_exist=not creates)
+
+
+def _one_line(message: str) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return f"{lines[0]} {'; '.join(lines[1:])}"
+    return "; ".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    """Errors print one line, "llmrec: error: <problem>: <fix>", and exit non-zero: 2 for the command line and the
+    config, 3 for the store and the registry, 1 for anything else; -v/--verbose adds the traceback."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = None
     try:
-        cfg = config_from_args(args) if args.command != "demo" else None
-        return COMMANDS[args.command](args, cfg)
-    except ValueError as exc:  # config and input errors: the message names the field and the fix
-        print(f"llmrec: error: {exc}", file=sys.stderr)
-        return 2
+        if args.command == "demo":
+            from llmrec_ray.demo import demo_config
+
+            cfg = demo_config(args)  # checked here; run_demo builds the same config again
+        else:
+            cfg = config_from_args(args)
+        _check_args(args)
+        _check_store(args, cfg)  # validate first, then start Ray (in the command)
+        return COMMANDS[args.command](args, cfg if args.command != "demo" else None)
     except Exception as exc:
-        from llmrec_ray.store import ConflictError, StoreError
-
         from llmrec_ray.registry import RegistryError
+        from llmrec_ray.store import Store, StoreError
 
-        if isinstance(exc, (ConflictError, StoreError, RegistryError)):
-            print(f"llmrec: error: {exc}", file=sys.stderr)
-            return 3
-        raise
+        explained = None
+        if cfg is not None:
+            try:
+                explained = Store.from_config(cfg.store).explain(exc)
+            except StoreError:  # a bad store.uri: reported as itself below
+                pass
+        if explained is not None:
+            message, code = str(explained), 3
+        elif isinstance(exc, ValueError):  # config and input errors: the message names the field and the fix
+            message, code = str(exc), 2
+        elif isinstance(exc, (StoreError, RegistryError)):
+            message, code = str(exc), 3
+        else:
+            message, code = f"{type(exc).__name__}: {exc} (run with -v for the traceback)", 1
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"llmrec: error: {_one_line(message)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

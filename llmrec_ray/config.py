@@ -241,7 +241,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {item!r}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"override {item!r}: the value {text!r} is not valid YAML ({problem}); quote it as a "
+                         f"string (--set '{key.strip()}=\"...\"') or fix the brackets/colons") from None
 
 
 def _check_key_path(parts: list[str]) -> None:

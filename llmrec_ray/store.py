@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -45,6 +46,39 @@ class Versioned:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+_BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                    "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
+# pyarrow's S3 errors carry the AWS SDK's error name: "... AWS Error ACCESS_DENIED during HeadObject operation ..."
+_PYARROW_CODES = {"ACCESS_DENIED": "AccessDenied", "INVALID_ACCESS_KEY_ID": "InvalidAccessKeyId",
+                  "SIGNATURE_DOES_NOT_MATCH": "SignatureDoesNotMatch", "NO_SUCH_BUCKET": "NoSuchBucket",
+                  "NETWORK_CONNECTION": "Unreachable", "EXPIRED_TOKEN": "ExpiredToken"}
+
+
+def _s3_error_code(exc: Optional[BaseException]) -> Optional[str]:
+    """The S3 error code of `exc` or of an exception it wraps: the service's code (InvalidAccessKeyId, NoSuchBucket,
+    ...), "NoCredentials", "Unreachable" (no connection to the endpoint), or None."""
+    try:
+        from botocore import exceptions as bex
+    except ImportError:  # boto3 is a dependency; without it only pyarrow's errors are recognised
+        bex = None
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if bex is not None:
+            if isinstance(exc, bex.ClientError):
+                return str(exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
+                return "NoCredentials"
+            if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)):
+                return "Unreachable"
+        if isinstance(exc, OSError):
+            match = re.search(r"AWS Error ([A-Z_]+)", str(exc))
+            if match and match.group(1) in _PYARROW_CODES:
+                return _PYARROW_CODES[match.group(1)]
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # `cause`: a RayTaskError's
+    return None
 
 
 class Store:
@@ -125,6 +159,50 @@ class Store:
     def _s3_key(self, key: str) -> str:
         key = key.strip("/")
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    # --- failing fast, in one line ----------------------------------------------------------------
+    def check(self, must_exist: bool = True) -> None:
+        """Reads only; raises a one-line StoreError naming the fix unless the store is usable: the S3 endpoint answers,
+        accepts the credentials and has the bucket; with must_exist the store also holds something already (the local
+        directory exists; the S3 prefix has objects -- S3 has no empty directories). Call it before writing or starting Ray."""
+        create = f"create it with `llmrec data import movielens --store {self.uri}`"
+        if self.scheme == "file":
+            if must_exist and not os.path.isdir(self.root):
+                raise StoreError(f"store {self.uri} does not exist: check --store / store.uri, or {create}")
+            return
+        try:
+            found = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=f"{self.prefix}/" if self.prefix else "", MaxKeys=1)
+        except Exception as exc:
+            explained = self.explain(exc)
+            if explained is None:
+                raise
+            raise explained from None
+        if must_exist and not found.get("KeyCount"):
+            raise StoreError(f"store {self.uri} does not exist (no objects under it at {self._endpoint() or 'AWS'}): "
+                             f"check --store / store.uri, or {create}")
+
+    def explain(self, exc: BaseException) -> Optional[StoreError]:
+        """The S3 failure behind `exc` (boto3 or pyarrow, possibly wrapped, e.g. by a Ray task) as a one-line StoreError
+        naming the problem and the fix; None if `exc` is not one."""
+        code = _s3_error_code(exc) if self.scheme == "s3" else None
+        if code is None:
+            return None
+        endpoint = self._endpoint() or "the AWS default endpoint"
+        keys = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or store.access_key_id/store.secret_access_key"
+        if code in _BAD_CREDENTIALS:
+            return StoreError(f"S3 rejected the credentials for {self.uri} at {endpoint} ({code}): check {keys}")
+        if code == "NoCredentials":
+            return StoreError(f"no S3 credentials found for {self.uri}: set {keys}")
+        if code in ("AccessDenied", "403", "Forbidden"):
+            return StoreError(f"S3 denied access to {self.uri} at {endpoint} ({code}): check the credentials ({keys}) "
+                              f"and that they may read and write bucket {self.bucket!r}")
+        if code in ("NoSuchBucket", "404"):
+            return StoreError(f"S3 bucket {self.bucket!r} does not exist at {endpoint}: create it (e.g. `aws s3 mb "
+                              f"s3://{self.bucket}`) or fix store.uri / store.endpoint_url")
+        if code == "Unreachable":
+            return StoreError(f"cannot reach the S3 endpoint {endpoint} for {self.uri} (connection failed): check "
+                              "store.endpoint_url / AWS_ENDPOINT_URL and that the server is running")
+        return None
 
     # --- plain objects ----------------------------------------------------------------------------
     def exists(self, key: str) -> bool:

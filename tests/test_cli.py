@@ -1,5 +1,6 @@
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -40,3 +41,207 @@ def test_train_init_from_is_checked(tmp_path, capsys):
     assert "--init-from 'latest'" in capsys.readouterr().err
     assert main(["train", "--store", str(tmp_path), "--init-from", "v0042"]) == 3
     assert "no version 'v0042'" in capsys.readouterr().err
+
+
+# --- clear errors: one line naming the problem and the fix, non-zero exit, nothing written, Ray not started ------
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Records every attempt to start (or attach to) Ray; a command under test must fail before one."""
+    from llmrec_ray import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "ensure_ray", lambda cfg: calls.append(cfg))
+    return calls
+
+
+def _one_error_line(capsys) -> str:
+    out = capsys.readouterr()
+    assert out.out == ""
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("llmrec: error: ") and "Traceback" not in out.err, out.err
+    return lines[0]
+
+
+S3_CASES = {  # name: (store overrides, words the message must hold)
+    "wrong secret": ({"secret_access_key": "not-the-secret"}, ["rejected the credentials", "SignatureDoesNotMatch",
+                                                              "AWS_SECRET_ACCESS_KEY", "store.access_key_id"]),
+    "unknown key id": ({"access_key_id": "no-such-key"}, ["rejected the credentials", "InvalidAccessKeyId"]),
+    "missing bucket": ({"bucket": "no-such-bucket"}, ["bucket 'no-such-bucket' does not exist", "create it"]),
+    "unreachable endpoint": ({"endpoint_url": "closed-port"}, ["cannot reach the S3 endpoint", "store.endpoint_url"]),
+}
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("case", sorted(S3_CASES))
+@pytest.mark.parametrize("command", [["round"], ["data", "import", "movielens"]])
+def test_s3_errors_are_one_line(case, command, s3_server, tmp_path, no_ray, capsys):
+    from tests.conftest import free_port, make_store_cfg
+
+    good = make_store_cfg("s3", tmp_path, s3_server)
+    bucket = good.uri.split("/")[2]
+    store = {"endpoint_url": good.endpoint_url, "access_key_id": good.access_key_id,
+             "secret_access_key": good.secret_access_key, "bucket": bucket}
+    overrides, words = S3_CASES[case]
+    store.update(overrides)
+    if store["endpoint_url"] == "closed-port":
+        store["endpoint_url"] = f"http://127.0.0.1:{free_port()}"
+    argv = [*command, "--store", f"s3://{store['bucket']}/llmrec"] + [
+        a for k in ("endpoint_url", "access_key_id", "secret_access_key") for a in ("--set", f"store.{k}={store[k]}")]
+    assert main(argv) == 3
+    line = _one_error_line(capsys)
+    assert all(w in line for w in words), line
+    assert "not-the-secret" not in line  # credentials are named, never printed
+    assert no_ray == [] and s3_server["client"].list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+@pytest.mark.s3
+def test_s3_errors_through_pyarrow_are_explained(s3_server, tmp_path):
+    """Ray Data and the store's listings go through pyarrow, whose errors read differently from boto3's."""
+    from llmrec_ray.store import Store
+    from tests.conftest import make_store_cfg
+
+    cfg = make_store_cfg("s3", tmp_path, s3_server).model_copy(update={"secret_access_key": "not-the-secret"})
+    store = Store.from_config(cfg)
+    with pytest.raises(OSError) as exc:
+        store.list("interactions")
+    assert "AWS Error" in str(exc.value)
+    wrapped = RuntimeError("a Ray task failed")
+    wrapped.__cause__ = exc.value
+    for err in (exc.value, wrapped):  # a HEAD answered 403 without a body: bad keys and missing rights read the same
+        message = str(store.explain(err))
+        assert "S3 denied access" in message and "AWS_SECRET_ACCESS_KEY" in message, message
+    assert store.explain(ValueError("unrelated")) is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.num_workers=[1", ["not valid YAML", "train.num_workers"]),
+    ("train.lr_first=: x", ["not valid YAML", "train.lr_first"]),
+    ("train.num_workers=abc", ["train.num_workers='abc'", "integer"]),
+])
+def test_malformed_set_value_is_one_line(override, words, tmp_path, no_ray, capsys):
+    assert main(["round", "--store", str(tmp_path), "--set", override, "--set", "train.zero_stage=9"]) == 2
+    line = _one_error_line(capsys)
+    assert all(w in line for w in words), line
+    assert no_ray == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["round"], ["run", "--rounds", "1"], ["train"], ["data", "status"],
+                                  ["data", "ingest"], ["models", "list"], ["models", "promote", "v0001"],
+                                  ["serve"], ["continuous"]])
+def test_missing_store_fails_before_ray(argv, tmp_path, no_ray, capsys):
+    missing = tmp_path / "no-such-store"
+    assert main([*argv, "--store", str(missing)]) == 3
+    line = _one_error_line(capsys)
+    assert f"store file://{missing} does not exist" in line and "llmrec data import movielens" in line
+    assert no_ray == [] and not missing.exists()
+
+
+def test_missing_s3_store_fails_before_ray(s3_server, tmp_path, no_ray, capsys):
+    from tests.conftest import make_store_cfg
+
+    cfg = make_store_cfg("s3", tmp_path, s3_server)  # the bucket exists, the prefix holds nothing
+    assert main(["round", "--store", cfg.uri, "--set", f"store.endpoint_url={cfg.endpoint_url}",
+                 "--set", f"store.access_key_id={cfg.access_key_id}",
+                 "--set", f"store.secret_access_key={cfg.secret_access_key}"]) == 3
+    assert f"store {cfg.uri} does not exist" in _one_error_line(capsys) and no_ray == []
+
+
+def test_commands_that_create_a_store_do_not_need_one(tmp_path, capsys):
+    store = tmp_path / "new-store"
+    assert main(["data", "synth", "--store", str(store), "--set", "synth.num_events=500", "--set", "synth.num_users=50",
+                 "--set", "synth.num_items=20", "--set", "synth.num_periods=2"]) == 0
+    assert "imported synth" in capsys.readouterr().out and store.is_dir()
+
+
+def test_train_init_from_is_rejected_before_anything_is_written(tmp_path, no_ray, capsys):
+    assert main(["train", "--store", str(tmp_path), "--init-from", "x;y"]) == 2
+    assert "--init-from 'x;y'" in _one_error_line(capsys)
+    assert main(["train", "--store", str(tmp_path), "--init-from", "v0042"]) == 3
+    assert "no version 'v0042'" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == [] and no_ray == []  # no ledger.json
+
+
+@pytest.mark.parametrize("argv", [["-v", "models", "list"], ["models", "list", "-v"], ["models", "list", "--verbose"]])
+def test_verbose_adds_the_traceback(argv, tmp_path, capsys):
+    assert main([*argv, "--store", str(tmp_path / "missing")]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("llmrec: error: store ")
+
+
+def test_unexpected_errors_are_one_line_too(tmp_path, monkeypatch, capsys):
+    from llmrec_ray import cli
+
+    def broken(args, cfg):
+        raise KeyError("boom")
+
+    monkeypatch.setitem(cli.COMMANDS, "models", broken)
+    assert main(["models", "list", "--store", str(tmp_path)]) == 1
+    line = _one_error_line(capsys)
+    assert "KeyError" in line and "boom" in line and "-v" in line
+
+
+def test_console_error_is_one_line_and_quick(tmp_path):
+    """The real command in a fresh process: one line, exit 3, no Ray (a local Ray alone takes 3-5 s to start)."""
+    missing = tmp_path / "nope"
+    start = time.time()
+    out = subprocess.run([sys.executable, "-m", "llmrec_ray.cli", "round", "--store", str(missing)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3 and out.stdout == "" and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "does not exist" in out.stderr and not missing.exists() and time.time() - start < 60
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_what_outlives_a_killed_driver(tmp_path):
+    """`kill -9` of an `llmrec` driver that started a local Ray: GCS, raylet, dashboard head, monitors and workers go
+    at once (Ray starts them with PR_SET_PDEATHSIG, or they watch the raylet); the dashboard agent and the runtime-env
+    agent, children of the raylet, notice within a second but then wait for Ray's 60 s timeout publishing "raylet
+    died" to the dead GCS before they exit. No Ray setting shortens it (README: "When a driver is killed")."""
+    import os
+    import shutil
+    import signal
+    import tempfile
+
+    import psutil
+
+    store = tmp_path / "store"
+    store.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="llmrec-kill-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    env = dict(os.environ, RAY_TMPDIR=ray_tmp)
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "llmrec_ray.cli", "continuous", "--store", str(store),
+                             "--set", "ray.num_cpus=2", "--set", "continuous.poll_interval_s=5"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    tree: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 180
+        while "continuous: watching" not in (tmp_path / "driver.log").read_text():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.log").read_text()[-2000:]
+            time.sleep(1)
+        time.sleep(3)  # the raylet starts its agents and prestarted workers
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        names = {p.pid: " ".join(p.cmdline())[:200] for p in tree}
+        assert any("raylet" in n for n in names.values()) and any("DashboardAgent" in n for n in names.values())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+        def alive() -> dict[int, str]:
+            return {p.pid: names[p.pid] for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+        time.sleep(10)
+        lingering = alive()
+        assert all("ray::DashboardAgent" in n or "ray::RuntimeEnvAgent" in n for n in lingering.values()), lingering
+        deadline = time.time() + 110
+        while alive() and time.time() < deadline:
+            time.sleep(2)
+        assert not alive(), f"still alive {time.time() - deadline + 120:.0f} s after kill -9: {alive()}"
+    finally:
+        for p in tree:  # by PID, never `ray stop`
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
