@@ -3,7 +3,8 @@
 Layout, per version:
   registry/versions/<vNNNN>/claim.json    written first, create-if-absent: whoever writes it owns the name
   registry/versions/<vNNNN>/model/        the export directory, uploaded only by the name's owner
-  registry/versions/<vNNNN>/version.json  written last; a version exists for readers once this exists
+  registry/versions/<vNNNN>/version.json  written last; a version exists for readers once this exists. Its
+                                         model_sha256 (of the model files) keys local caches by content
 and the pointer registry/promoted.json = {"version", "model_prefix", "history", "updated_at", "log"}, written only
 by compare-and-swap. A round promotes with `expected_parent`: the swap succeeds only while the promoted version is
 still the one the round trained from, so of two rounds racing from the same parent exactly one promotes.
@@ -15,6 +16,7 @@ hand). Versions registered before claims existed have no claim.json and read as 
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
 import os
 import shutil
@@ -75,6 +77,17 @@ def _has_nan(obj: Any) -> bool:
     if isinstance(obj, (list, tuple)):
         return any(_has_nan(v) for v in obj)
     return False
+
+
+def dir_sha256(path: str | Path) -> str:
+    """sha256 over every file of a directory (relative path, size, bytes; in path order): a model export's identity."""
+    path, digest = Path(path), hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def version_key(version: str) -> str:
@@ -144,12 +157,29 @@ class Registry:
         return self.lineage(self.promoted_version())
 
     def model_dir(self, version: str, cache_dir: str | Path) -> Path:
-        dst = Path(cache_dir) / version
+        """The version's model files, downloaded once into cache_dir/<version>-<content key>.
+
+        The key is the model_sha256 recorded at registration (older versions: the etag of their version.json), never
+        the name alone: a store recreated at the same path (`make clean && make demo`) has another v0001, and its
+        files must not come from the old one's cache entry. Entries of other content under the same name are removed."""
+        v = self.store.read_json(version_key(version))
+        if v.value is None:
+            self.show(version)  # raises RegistryError (in progress, or no such version) unless it was written meanwhile
+            v = self.store.read_json(version_key(version))
+        key = v.value.get("model_sha256") or hashlib.sha256(str(v.etag).encode()).hexdigest()
+        cache_dir = Path(cache_dir)
+        dst = cache_dir / f"{version}-{key[:16]}"
         if not (dst / "config.json").is_file():
+            for stale in [cache_dir / version, *cache_dir.glob(f"{version}-*")]:  # cache_dir/<version>: the old layout
+                if stale != dst:
+                    shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(dir=cache_dir))
             self.store.download_dir(model_prefix(version), tmp)
             shutil.rmtree(dst, ignore_errors=True)
-            tmp.rename(dst)
+            try:
+                tmp.rename(dst)
+            except OSError:  # another process filled the same entry meanwhile: same content, keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
         return dst
 
     # --- writing ----------------------------------------------------------------------------------
@@ -191,7 +221,7 @@ class Registry:
         self.store.upload_dir(export_dir, model_prefix(name))
         info = {"version": name, "parent": parent, "shards": list(shards), "config": config or {},
                 "metrics": metrics or {}, "gate": gate or {}, "created_at": _now(), "git_commit": git_commit(),
-                **(extra or {})}
+                "model_sha256": dir_sha256(export_dir), **(extra or {})}
         try:
             self.store.put_json(version_key(name), info, None)
         except ConflictError:

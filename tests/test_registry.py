@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from llmrec_ray.config import Config, config_from_dict
-from llmrec_ray.registry import (PROMOTED_KEY, PromotionConflict, Registry, RegistryError, claim_key, model_prefix,
-                                 version_key)
+from llmrec_ray.registry import (PROMOTED_KEY, PromotionConflict, Registry, RegistryError, claim_key, dir_sha256,
+                                 model_prefix, version_key)
 from llmrec_ray.store import ConflictError, Store
 
 
@@ -232,3 +232,40 @@ def test_claimed_but_incomplete_version_is_ignored_by_readers(reg, tiny_export):
     assert reg.retain() == [v1, v3]  # keep_versions=2 of v1, v3, v4, v5 (none promoted); the claim untouched
     assert reg.store.list(model_prefix("v0002")) == [f"{model_prefix('v0002')}/config.json"]  # left alone
     assert not reg.store.exists(version_key("v0002"))
+
+
+def test_model_cache_is_keyed_by_content(store_cfg, tmp_path):
+    """A store recreated at the same URI (`make clean && make demo`) has another v0001: the round's promoted-model
+    cache must load the new one, not serve the old store's files under the same name."""
+    import shutil
+
+    from llmrec_ray.pipeline import _cache_dir
+
+    exports = []
+    for i, weights in enumerate((b"old store's weights", b"new store's weights")):
+        export = tmp_path / f"export{i}"
+        export.mkdir()
+        (export / "config.json").write_text("{}")
+        (export / "model.safetensors").write_bytes(weights)
+        exports.append(export)
+    store = Store.from_config(store_cfg)
+    cache = _cache_dir(store)  # the directory run_round uses: one per store URI
+    try:
+        assert Registry(store).create_version(exports[0], parent=None, shards=["s1"]) == "v0001"
+        first = Registry(store).model_dir("v0001", cache)
+        assert (first / "model.safetensors").read_bytes() == b"old store's weights"
+        assert Registry(store).model_dir("v0001", cache) == first  # the same content is downloaded once
+
+        for key in store.list():  # recreate the store at the same URI
+            store.delete(key)
+        if store.scheme == "file":
+            shutil.rmtree(store.root)
+        again = Store.from_config(store_cfg)
+        assert again.uri == store.uri and _cache_dir(again) == cache
+        assert Registry(again).create_version(exports[1], parent=None, shards=["s1"]) == "v0001"
+        second = Registry(again).model_dir("v0001", cache)
+        assert (second / "model.safetensors").read_bytes() == b"new store's weights"
+        assert second != first and not first.exists()  # the old store's entry is gone, not kept beside it
+        assert Registry(again).show("v0001")["model_sha256"] == dir_sha256(exports[1])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
