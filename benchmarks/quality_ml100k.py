@@ -63,7 +63,7 @@ def prepare(cfg: Config, store, work: Path) -> tuple[list[str], pd.DataFrame, pd
     ledger = Ledger(store)
     ledger.refresh()
     keys = [s.key for s in ledger.shards()]
-    cache = work / "examples.pkl"
+    cache = work / f"examples-h{cfg.model.collab.history_len}.pkl"  # histories are built for this length
     if cache.exists():
         examples = pd.read_pickle(cache)
     else:

@@ -1,0 +1,53 @@
+"""The hybrid's collaborative part alone, under config variants, on the quality benchmark's test weeks.
+
+    .venv/bin/python benchmarks/collab_ablation.py [--weeks 1] "model.collab.dim=32" "model.collab.history_len=200" ...
+
+Each positional argument is one variant (comma-separated `key=value` overrides; "" = the defaults). Same
+data, split and scoring as benchmarks/quality_ml100k.py (its `collab` arm): tables fitted from scratch on
+every event before the week, every row of the week scored. Prints and saves <work>/ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.quality_ml100k import OVERRIDES, classical_scorer, fast_auc, prepare, split, week_bounds
+from llmrec_ray.config import load_config
+from llmrec_ray.store import Store
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("variants", nargs="*", default=[""])
+    p.add_argument("--work", default="out/quality")
+    p.add_argument("--weeks", type=int, default=1, help="the first N of the benchmark's 4 test weeks")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = []
+    for variant in args.variants:
+        cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}", *[v for v in variant.split(",") if v]])
+        keys, events, examples = prepare(cfg, Store.from_config(cfg.store), work)  # cached per history length
+        weeks = week_bounds(keys, 4)
+        ys, ps, started = [], [], time.time()
+        for w in range(args.weeks):
+            end = weeks[w + 1][1] if w + 1 < len(weeks) else int(events["timestamp"].max()) + 1
+            train_events, week = split(events, examples, weeks[w][1], end)
+            scorer, _ = classical_scorer("collab", train_events, examples[examples["timestamp"] < weeks[w][1]],
+                                         events[events["timestamp"] < end], cfg)
+            ys.append(week["label"].to_numpy())
+            ps.append(scorer(week))
+        row = {"variant": variant or "defaults", "auc": fast_auc(np.concatenate(ys), np.concatenate(ps)),
+               "weeks": args.weeks, "seconds": time.time() - started}
+        out.append(row)
+        print(f"{row['variant']:<50} AUC {row['auc']:.4f}  ({row['seconds']:.0f} s)", flush=True)
+    (work / "ablation.json").write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
