@@ -146,10 +146,21 @@ class ServeConfig(_Section):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     poll_interval_s: float = Field(2.0, gt=0.0)  # how often replicas check the promoted pointer
-    max_candidates: int = Field(1000, ge=1)
+    max_candidates: int = Field(1000, ge=1)  # /v1/score: candidates per request
+    max_pool: int = Field(5000, ge=1)  # /v1/recommend: items scored per request (the pool after exclusions; MovieLens-100K has 1,682)
+    max_request_tokens: int = Field(640_000, ge=1)  # per request: candidates x the served model's max_seq_len (its compute)
     max_history: int = Field(50, ge=0)
     max_text_chars: int = Field(2000, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1)
+    max_body_bytes: int = Field(1_000_000, ge=1)  # checked on the raw body, before JSON parsing
+    max_json_depth: int = Field(32, ge=2)  # nesting of [ and { in a body, checked before parsing (requests need 4)
+    max_ongoing_requests: int = Field(64, ge=1)  # per Scorer replica: requests in its batches at once (>= max_batch_size)
+    max_queued_requests: int = Field(128, ge=1)  # per caller, waiting for a replica beyond those; more get 503 + Retry-After
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After header (seconds) on 503 answers
+    request_timeout_s: float = Field(120.0, gt=0.0)  # per-request deadline (queue + scoring); past it: 504, its rows skipped
+    forward_rows: int = Field(256, ge=1)  # rows per model forward: bounds activation memory whatever the batch holds
+    reload_backoff_s: float = Field(30.0, gt=0.0)  # a refused version is retried after this, doubling; at once if re-promoted
+    reload_backoff_max_s: float = Field(600.0, gt=0.0)
+    cache_dir: Optional[str] = None  # where replicas download model versions (None: system temp); removed on shutdown
     auth_token_env: str = "LLMREC_API_TOKEN"  # if this env var is set, requests need "Authorization: Bearer <it>"
 
 

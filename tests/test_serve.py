@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -106,15 +108,17 @@ def serve_env(ray_session, tmp_path_factory):
         "store": {"uri": f"file://{tmp / 'store'}"},
         "model": {"backbone": "tiny", "max_seq_len": 32, "dropout": 0.0},
         "serve": {"host": "127.0.0.1", "port": port, "poll_interval_s": POLL_S, "num_cpus_per_replica": 0.5,
-                  "max_candidates": 20, "max_history": 5, "max_text_chars": 100, "max_body_bytes": 4000,
-                  "max_batch_size": 16, "batch_wait_timeout_s": 0.005, "auth_token_env": "LLMREC_TEST_TOKEN_UNSET"},
+                  "max_candidates": 20, "max_pool": 29, "max_request_tokens": 1000, "max_history": 5,
+                  "max_text_chars": 100, "max_body_bytes": 4000, "max_json_depth": 8,
+                  "max_batch_size": 16, "batch_wait_timeout_s": 0.005, "auth_token_env": "LLMREC_TEST_TOKEN_UNSET",
+                  "reload_backoff_s": 60.0, "cache_dir": str(tmp / "cache")},
     })
     store = Store.from_config(cfg.store)
     _write_catalog(store)
     exports = {v: _write_export(store, cfg, v, b, tmp) for v, b in (("v0001", -1.0), ("v0002", 1.0))}
     _write_export(store, cfg, "v0003", 0.0, tmp, corrupt=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    yield {"cfg": cfg, "store": store, "url": f"http://127.0.0.1:{port}", "exports": exports}
+    yield {"cfg": cfg, "store": store, "url": f"http://127.0.0.1:{port}", "exports": exports, "tmp": tmp}
     serve.shutdown()
 
 
@@ -129,6 +133,9 @@ def app(serve_env, monkeypatch):
     serve.run(build_app(serve_env["cfg"]), name=APP_NAME, route_prefix="/")
     yield serve_env
     serve.delete(APP_NAME)
+
+
+README_EXAMPLE = {"history": [{"item_id": "1", "rating": 5}], "pool": "all", "k": 5}
 
 
 def _post(url, path, body, **kw):
@@ -153,9 +160,13 @@ def test_score_recommend_model_metrics(app):
     assert probs == sorted(probs, reverse=True)
     r = _post(url, "/v1/recommend", {"history": [], "pool": ["2", "3", "4"], "k": 2})
     assert r.status_code == 200 and len(r.json()["items"]) == 2
+    r = _post(url, "/v1/recommend", README_EXAMPLE)  # the whole catalogue but item 1: 29 items > max_candidates=20
+    assert r.status_code == 200, r.text
+    assert len(r.json()["items"]) == 5 and all(i["item_id"] != "1" for i in r.json()["items"])
 
     info = requests.get(url + "/v1/model", timeout=10).json()
     assert info["version"] == "v0001" and info["last_load_error"] is None and info["lineage"] == ["v0001"]
+    assert info["promoted_version"] == "v0001" and info["in_sync"] and info["reason"] is None
     assert requests.get(url + "/healthz", timeout=10).json()["status"] == "ok"
     metrics = requests.get(url + "/metrics", timeout=10).text
     assert 'llmrec_requests_total{path="/v1/score"}' in metrics and "llmrec_model_failed_loads_total 0" in metrics
@@ -173,14 +184,40 @@ CLIENT_ERRORS = [
     ({"history": []}, 422, "candidates"),
     ({"history": [], "candidates": [{"text": "z" * 90}] * 20, "pad": "p" * 4000}, 413, "max_body_bytes=4000"),
     ({"history": "notalist", "candidates": ["2"]}, 422, "history"),
+    # text a tokenizer cannot take is refused before the model, naming the field (JSON "\ud800": valid JSON)
+    ({"history": [], "candidates": ["2", "3", {"text": "x\ud800y"}]}, 422, "candidates[2].text"),
+    ({"history": [{"text": "a\udfffb", "rating": 4}], "candidates": ["2"]}, 422, "history[0].text"),
+    ({"history": [], "candidates": [{"text": "bell \x07"}]}, 422, "U+0007"),
+    ({"history": [], "candidates": ["\ud800"]}, 422, "candidates[0]"),
+    ({"history": [], "pool": {"genre": "\udc00"}}, 422, "pool.genre"),
+    # a misspelt field is an error, never silently ignored
+    ({"histroy": ["1"], "candidates": ["2"]}, 422, "histroy"),
+    ({"history": [{"item_id": "1", "ratng": 5}], "candidates": ["2"]}, 422, "history[0].ratng"),
+]
+
+# raw bodies: non-finite numbers (requests refuses to send them) and nesting
+RAW_ERRORS = [
+    (b'{"history": [{"item_id": "1", "rating": NaN}], "candidates": ["2"]}', 422, "history[0].rating"),
+    (b'{"history": [{"item_id": "1", "rating": -Infinity}], "candidates": ["2"]}', 422, "history[0].rating"),
+    (b'{"history": [], "candidates": ' + b"[" * 1500 + b"]" * 1500 + b"}", 400, "max_json_depth=8"),
+    (b"[" * 100_000, 413, "max_body_bytes=4000"),
+    (b'{"history": [], "candidates": ["2"]}' + b" " * 5000, 413, "max_body_bytes=4000"),
 ]
 
 
 def test_score_client_errors(app):
     for body, status, needle in CLIENT_ERRORS:  # one app for all cases: an app deploy costs ~15 s here
-        r = _post(app["url"], "/v1/score", body)
+        path = "/v1/recommend" if "pool" in body else "/v1/score"
+        r = _post(app["url"], path, body)
         assert r.status_code == status, (body, r.text)
         assert needle in r.json()["error"], (body, r.text)
+    for data, status, needle in RAW_ERRORS:
+        r = requests.post(app["url"] + "/v1/score", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+        assert r.status_code == status, (data[:80], r.text)
+        assert needle in r.json()["error"], (data[:80], r.text)
+    metrics = requests.get(app["url"] + "/metrics", timeout=10).text
+    assert 'llmrec_request_failures_total{path="/v1/score",code="413"} 3' in metrics
+    assert 'llmrec_request_failures_total{path="/v1/score",code="500"}' not in metrics
 
 
 def test_other_client_errors(app):
@@ -189,8 +226,10 @@ def test_other_client_errors(app):
     assert r.status_code in (400, 422) and "Traceback" not in r.text
     r = requests.post(url + "/v1/score", data=b"", headers={"Content-Type": "application/json"}, timeout=10)
     assert r.status_code in (400, 422)
-    r = _post(url, "/v1/recommend", {"history": [], "pool": "all", "k": 5})  # 30 items > max_candidates=20
-    assert r.status_code == 422 and "max_candidates=20" in r.json()["error"]
+    r = _post(url, "/v1/recommend", {"history": [], "pool": "all", "k": 5})  # 30 items > max_pool=29
+    assert r.status_code == 422 and "max_pool=29" in r.json()["error"]
+    r = _post(url, "/v1/recommend", {"history": [], "pool": ["1"], "k": 30})
+    assert r.status_code == 422 and "k=30" in r.json()["error"]
     r = _post(url, "/v1/recommend", {"history": [], "pool": {"genre": "Western"}, "k": 5})
     assert r.status_code == 422 and "Western" in r.json()["error"]
     r = _post(url, "/v1/recommend", {"history": [], "pool": ["1", "404"], "k": 1})
@@ -310,3 +349,268 @@ def test_app_builder_args(tmp_path):
     assert AppArgs.model_validate({}).overrides == []
     app = app_builder({"config_path": None, "overrides": ["model.backbone=tiny"]})
     assert app is not None
+
+
+# --- isolation, admission control, registry agreement, OpenAPI -------------------------------------------------
+def test_bad_input_fails_alone_among_concurrent_valid_requests(app):
+    """A lone surrogate once made 13 of 16 valid batch-mates answer 500: now it is refused alone, at the Api (422
+    naming the field) and, should such a text reach the Scorer, inside the batch (per-request errors)."""
+    from ray import serve
+
+    from llmrec_ray.serve import APP_NAME, ScoreItem
+
+    url = app["url"]
+    good = {"history": ["1"], "candidates": ["2", "3"]}
+    bad = {"history": [], "candidates": ["4", "5", {"text": "x\ud800y"}]}
+    bodies = [good] * 8 + [bad] + [good] * 8
+    with ThreadPoolExecutor(len(bodies)) as ex:
+        got = list(ex.map(lambda b: _post(url, "/v1/score", b), bodies))
+    assert [r.status_code for r in got] == [200] * 8 + [422] + [200] * 8, [r.text for r in got]
+    assert "candidates[2].text" in got[8].json()["error"] and "U+D800" in got[8].json()["error"]
+
+    handle = serve.get_deployment_handle("Scorer", app_name=APP_NAME)
+    nan = float("nan")
+    ok = ScoreItem(["Movie 2 (1992) | Drama|Romance"], "Movie 1 (1991)", ["2"], ["1"], [nan])
+    unencodable = ScoreItem(["x\ud800y"], "Movie 1 (1991)", [None], ["1"], [nan])
+    too_big = ScoreItem(["a film"] * 40, "", [None] * 40, [], [])  # 40 x max_seq_len 32 > max_request_tokens=1000
+    late = ScoreItem(["a film"], "", [None], [], [], deadline=time.time() - 1)
+    items = [ok] * 8 + [unencodable, too_big, late] + [ok] * 8
+    answers = [r.result(timeout_s=60) for r in [handle.score.remote(i) for i in items]]  # all in flight together
+    assert all("probs" in a and len(a["probs"]) == 1 for a in answers[:8] + answers[11:]), answers
+    assert answers[8]["status"] == 422 and "encoded" in answers[8]["error"]
+    assert answers[9]["status"] == 422 and "max_request_tokens=1000" in answers[9]["error"]
+    assert answers[10]["status"] == 504
+    scores = [a["probs"][0] for a in answers[:8] + answers[11:]]
+    assert max(scores) - min(scores) < 1e-5, scores  # neither the bad inputs nor batch-mates change a score
+
+
+def test_flood_is_answered_503_with_retry_after_never_500(serve_env):
+    """60 concurrent requests of max_candidates each against a Scorer taking 2 at a time and queueing 2: the rest
+    get 503 + Retry-After (from the Api or from Serve's proxy), nothing else fails, and it serves normally after."""
+    from ray import serve
+
+    from llmrec_ray.config import config_from_dict
+    from llmrec_ray.serve import APP_NAME, build_app
+
+    d = serve_env["cfg"].to_dict()
+    d["serve"].update(max_ongoing_requests=2, max_queued_requests=2, max_batch_size=2, retry_after_s=2)
+    _promote(serve_env["store"], "v0001", ["v0001"])
+    serve.run(build_app(config_from_dict(d)), name=APP_NAME, route_prefix="/")
+    try:
+        url = serve_env["url"]
+        body = {"history": ["1", "2", "3"], "candidates": [str(i) for i in range(5, 25)]}
+        start = threading.Barrier(60)
+
+        def one(_):
+            start.wait()
+            r = requests.post(url + "/v1/score", json=body, timeout=120)
+            return r.status_code, r.headers.get("Retry-After")
+
+        with ThreadPoolExecutor(60) as ex:
+            got = list(ex.map(one, range(60)))
+        codes = Counter(code for code, _ in got)
+        assert set(codes) <= {200, 503} and codes[503] > 0 and codes[200] > 0, codes
+        assert all(retry == "2" for code, retry in got if code == 503), got
+        assert _post(url, "/v1/score", body).status_code == 200
+    finally:
+        serve.delete(APP_NAME)
+
+
+def _wait_info(url, until, timeout_s=30.0):
+    deadline, info = time.time() + timeout_s, {}
+    while time.time() < deadline:
+        info = requests.get(url + "/v1/model", timeout=10).json()
+        if until(info):
+            return info
+        time.sleep(0.2)
+    raise AssertionError(f"/v1/model never got there: {info}")
+
+
+def test_refused_version_is_loaded_when_repaired_and_promoted_again(app):
+    """Serve once skipped the version it last refused forever. Now a rewrite of the pointer (even to the same name)
+    retries it; until then /v1/model says what is served, what is promoted and why they differ, without server
+    paths. The replica's model cache is deleted when the app goes."""
+    from ray import serve
+
+    from llmrec_ray.serve import APP_NAME
+
+    url, store, cfg, tmp = app["url"], app["store"], app["cfg"], app["tmp"]
+    _write_export(store, cfg, "v0004", 0.5, tmp / "broken", corrupt=True)
+    _promote(store, "v0004", ["v0001", "v0004"])
+    info = _wait_info(url, lambda i: i["last_load_error"])
+    assert info["version"] == "v0001" and info["promoted_version"] == "v0004" and not info["in_sync"], info
+    assert "v0004" in info["reason"] and "refused" in info["reason"] and "v0004" in info["last_load_error"]["error"]
+    text = json.dumps(info)
+    for private in (str(tmp), "llmrec-serve-", store.root):
+        assert private not in text, (private, text)
+    assert not re.search(r"(?<![\w.])/(tmp|home|root|var|work)/", text), text
+
+    _write_export(store, cfg, "v0004", 0.5, tmp / "fixed")  # repaired in place, not promoted again yet
+    time.sleep(6 * POLL_S)
+    info = requests.get(url + "/v1/model", timeout=10).json()
+    assert info["version"] == "v0001" and info["failed_loads"] == 1, info  # refused, backing off (reload_backoff_s=60)
+
+    _promote(store, "v0004", ["v0001", "v0004"])  # promoted again: the pointer is rewritten
+    info = _wait_info(url, lambda i: i["version"] == "v0004")
+    assert info["in_sync"] and info["reason"] is None and info["last_load_error"] is None, info
+    assert _post(url, "/v1/score", {"history": [], "candidates": ["2"]}).json()["model_version"] == "v0004"
+
+    serve.delete(APP_NAME)
+    cache = tmp / "cache"
+    deadline = time.time() + 15
+    while list(cache.iterdir()) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not list(cache.iterdir()), list(cache.iterdir())  # every replica of this module removed its downloads
+
+
+def _refs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "$ref":
+                yield v
+            else:
+                yield from _refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _refs(v)
+
+
+def test_openapi_is_complete_and_schemathesis_finds_no_server_error(app):
+    """Every $ref of the live /openapi.json resolves, 4xx answers and the bearer scheme are documented, the README's
+    example is valid against it, and a short seeded schemathesis run gets no 5xx and nothing off-schema."""
+    import jsonschema
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                                   status_code_conformance)
+
+    url = app["url"]
+    spec = requests.get(url + "/openapi.json", timeout=10).json()
+    refs = set(_refs(spec))
+    assert refs
+    for ref in refs:
+        node = spec
+        for part in ref.lstrip("#/").split("/"):
+            assert part in node, f"{ref} is not defined"
+            node = node[part]
+    schemas = spec["components"]["schemas"]
+    assert {"HistoryItem", "Candidate", "GenrePool", "ScoreRequest", "RecommendRequest", "ErrorResponse"} <= set(schemas)
+    assert schemas["ScoreRequest"]["additionalProperties"] is False
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path in ("/v1/score", "/v1/recommend"):
+        op = spec["paths"][path]["post"]
+        assert {"400", "401", "413", "422", "503", "504"} <= set(op["responses"]), op["responses"].keys()
+        assert "Retry-After" in op["responses"]["503"]["headers"] and op["security"]
+    readme = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/RecommendRequest", "components": spec["components"]})
+    readme.validate(README_EXAMPLE)
+
+    schema = schemathesis.openapi.from_dict(spec)
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+    statuses: Counter = Counter()
+
+    @given(case=schema.as_strategy())
+    @settings(max_examples=150, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    def fuzz(case):
+        response = case.call_and_validate(base_url=url, checks=checks)
+        statuses[response.status_code] += 1
+
+    fuzz()
+    assert sum(statuses.values()) >= 100 and not any(code >= 500 for code in statuses), statuses
+    assert statuses[200] > 0, statuses  # some generated requests were valid ones, not only refusals
+
+
+# --- offline: no Ray ----------------------------------------------------------------------------------------
+def _depth_reference(body: bytes) -> int:
+    depth = deepest = 0
+    inside = escaped = False
+    for ch in body.decode():
+        if inside:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                inside = False
+        elif ch == '"':
+            inside = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def test_json_depth_matches_a_character_scan():
+    import random
+
+    from llmrec_ray.serve import json_depth
+
+    rng = random.Random(0)
+    tricky = ['a"b', "x\\", "[{", '\\"]', "}", "\\\\", "\\\\\\\"[", 1, None, 2.5]
+
+    def value(depth):
+        r = rng.random()
+        if depth > 7 or r < 0.3:
+            return rng.choice(tricky)
+        if r < 0.65:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["k[", 'q\\"{', "z"]): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    for _ in range(2000):
+        body = json.dumps(value(0)).encode()
+        assert json_depth(body) == _depth_reference(body), body
+    assert json_depth(b"[" * 100_000) == 100_000 and json_depth(b"") == 0
+    assert json_depth(b'{"a": "[[[[[[", "b": [1]}') == 2
+
+
+def test_request_models_and_limits():
+    from pydantic import ValidationError
+
+    from llmrec_ray.config import ServeConfig
+    from llmrec_ray.serve import RecommendRequest, ScoreRequest, _explain, _without_paths
+
+    def error(model, body):
+        with pytest.raises(ValidationError) as e:
+            model.model_validate(body)
+        return _explain(e.value.errors())
+
+    assert error(ScoreRequest, {"candidates": ["1", {"text": "ok"}, {"text": "x\ud800y"}]}).startswith("candidates[2].text: ")
+    assert "U+FFFE" in error(ScoreRequest, {"candidates": [{"text": "\ufffe"}]})
+    assert error(ScoreRequest, {"histroy": [], "candidates": ["1"]}).startswith("histroy: Extra inputs")
+    assert error(ScoreRequest, {"history": [{"rating": float("inf")}], "candidates": ["1"]}).startswith("history[0].rating")
+    assert error(RecommendRequest, {"pool": ["1", 2]}).startswith("pool[1]")
+    assert ScoreRequest.model_validate({"candidates": [{"text": "Cafe\u0301"}]}).candidates[0].text == "Caf\u00e9"  # NFC
+    req = RecommendRequest.model_validate(README_EXAMPLE)
+    assert req.pool == "all" and req.history[0].rating == 5
+    assert ServeConfig().max_pool >= 1682 and ServeConfig().max_candidates <= 1000  # all of MovieLens-100K; /v1/score capped
+    msg = _without_paths("HeaderTooLarge: /tmp/llmrec-serve-x/v0003/model.safetensors; see file:///srv/store/a/b.json",
+                         ["/tmp/llmrec-serve-x"])
+    assert msg == "HeaderTooLarge: v0003/model.safetensors; see .../b.json", msg
+
+
+def test_deployments_capture_every_global_they_use():
+    """Ray pickles a deployment class when it is decorated: a module global defined below the class is missing in
+    the replica (a NameError on every request, once). Check each method's captured globals."""
+    import builtins
+    import dis
+    import inspect
+
+    from ray import cloudpickle
+
+    from llmrec_ray.serve import Api, Scorer
+
+    def loaded_names(code):
+        names = {i.argval for i in dis.get_instructions(code) if i.opname == "LOAD_GLOBAL"}
+        return names.union(*(loaded_names(c) for c in code.co_consts if inspect.iscode(c)))
+
+    for deployment in (Api, Scorer):
+        cls = cloudpickle.loads(deployment._replica_config.serialized_deployment_def)
+        for klass in cls.__mro__:
+            for name, member in vars(klass).items():
+                fn = getattr(member, "__wrapped__", member)
+                if inspect.isfunction(fn):
+                    missing = {n for n in loaded_names(fn.__code__) if n not in fn.__globals__ and not hasattr(builtins, n)}
+                    assert not missing, (deployment.name, name, missing)
