@@ -38,23 +38,26 @@ def pct(xs):
 
 
 def raw_forward(cfg, batch_sizes, seconds):
-    from llmrec_ray.model import build_model
-    from llmrec_ray.serve import _forward
+    """Tokenise + forward of the hybrid scorer (text part + tables over 1,682 ids) outside Serve, 1 thread."""
+    from llmrec_ray.collab import CollabNet, ItemVocab
+    from llmrec_ray.model import HybridScorer, build_model
+    from llmrec_ray.serve import Loaded, ScoreItem, _encode, _forward
 
     import torch
 
     torch.set_num_threads(1)  # same as one Serve replica with num_cpus_per_replica=1
-    model, tok = build_model(cfg.model)
-    model.eval()
-    state = (model, tok, "raw", cfg.model.max_seq_len)
+    lm, tok = build_model(cfg.model)
+    ids = [str(i) for i in range(1, 1683)]
+    state = Loaded(HybridScorer(lm, CollabNet(len(ids), cfg.model.collab.dim), ItemVocab(ids)).eval(), tok, "raw", cfg)
     out = {}
     for bs in batch_sizes:
-        cands = ["Toy Story (1995) | Animation, Comedy"] * bs
-        hists = ["Heat (1995) rated 5 ; Jumanji (1995) rated 2 ; Casino (1995) rated 4"] * bs
-        _forward(state, cands, hists)
+        item = ScoreItem(["Toy Story (1995) | Animation, Comedy"] * bs,
+                         "Heat (1995) rated 5 ; Jumanji (1995) rated 2 ; Casino (1995) rated 4",
+                         ids[:bs], ["6", "2", "17"], [5.0, 2.0, 4.0])
+        _forward(state, [_encode(state, item)])
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            _forward(state, cands, hists)
+            _forward(state, [_encode(state, item)])
             n += bs
         out[bs] = n / (time.perf_counter() - t0)
     best = max(out, key=out.get)
