@@ -18,7 +18,9 @@ events of W included, never the row itself nor anything later). The arms:
 Both language-model arms start from the same first round (the weeks before the first test week, from
 the pretrained backbone) and then learn each test week after it is scored, with the same recipe: at most
 --max-train-rows new rows per round (+ data.replay_ratio replay), MiniLM at 64 tokens, 5 history items in
-the text, 2 workers. The full retrain trains on --full-train-rows rows sampled from all earlier weeks.
+the text, 2 workers. The full retrain trains on --full-train-rows rows sampled from all earlier weeks
+(default 3,200: as many language-model rows as the incremental lineage learned in its four rounds) and
+fits the collaborative part from scratch on all earlier events.
 
 Metrics: pooled AUC over all test rows with a 95% bootstrap interval, per-week AUC, log loss, AUC on rare
 items (< 10 ratings before W) and on cold users (no event before W), HR@10 / NDCG@10 with 100 sampled
@@ -388,7 +390,8 @@ def main() -> None:
     p.add_argument("--work", default="out/quality")
     p.add_argument("--weeks", type=int, default=4)
     p.add_argument("--max-train-rows", type=int, default=800)
-    p.add_argument("--full-train-rows", type=int, default=6400)
+    p.add_argument("--full-train-rows", type=int, default=3200,
+                   help="rows of the full retrain; default = what the incremental lineage learned in its 4 rounds")
     p.add_argument("--ranked-positives", type=int, default=50)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
