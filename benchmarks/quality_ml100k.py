@@ -130,7 +130,8 @@ def train_lm(cfg: Config, store, name: str, targets: list[str], older: list[str]
 
     init_uri = store.key_uri(f"quality/models/{init}") if init else None
     started = time.time()
-    result = train.train_candidate(cfg, store, targets, older, older if init else [], init_uri, name, max_rows)
+    run_name = f"{name}-{int(started)}"  # a fresh Ray Train run: never resume a killed attempt's checkpoints
+    result = train.train_candidate(cfg, store, targets, older, older if init else [], init_uri, run_name, max_rows)
     store.upload_dir(result.export_dir, f"quality/models/{name}")
     return {"train_wall_s": time.time() - started, "train_rows": int(result.metrics["num_train_rows"]),
             **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}}

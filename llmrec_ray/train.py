@@ -169,12 +169,14 @@ def train_func(config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            config=deepspeed_config(cfg, lr, num_steps))
     state = {"step": 0, "best_val_loss": math.inf, "first_val_loss": None, "bad_evals": 0, "samples": 0}
+    work_dir = Path(tempfile.mkdtemp(prefix=f"llmrec-train-r{rank}-"))
     restored = ray.train.get_checkpoint()
     if restored:  # a worker died earlier in this round: continue from the last reported checkpoint
         with restored.as_directory() as d:
             _, client_state = engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=CKPT_TAG)
+            if rank == 0:  # that checkpoint is the best so far: it is the export unless a later step beats it
+                shutil.copytree(Path(d) / "model", work_dir / "best-model")
         state.update({k: client_state[k] for k in state})
-    work_dir = Path(tempfile.mkdtemp(prefix=f"llmrec-train-r{rank}-"))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     bar = tqdm(total=num_steps, initial=state["step"], desc="train", unit="step", disable=rank != 0)
