@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 from typing import Callable, Optional
 
 from llmrec_ray.config import Config

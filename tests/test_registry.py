@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llmrec_ray.config import Config, config_from_dict
-from llmrec_ray.registry import (PROMOTED_KEY, PromotionConflict, Registry, RegistryError, claim_key, dir_sha256,
+from llmrec_ray.config import config_from_dict
+from llmrec_ray.registry import (PromotionConflict, Registry, RegistryError, claim_key, dir_sha256,
                                  model_prefix, version_key)
 from llmrec_ray.store import ConflictError, Store
 
