@@ -5,6 +5,10 @@ Driver side: `run_training()` builds a TorchTrainer whose workers run `train_fun
 one logit, validation every `train.eval_every_steps` steps (and once before the first step, so a
 round that cannot improve keeps the model it started from), early stopping, best model kept.
 
+For model.kind=hybrid the driver first fits the collaborative part on all history (`fit_round_collab`,
+seconds) and stages it in the store; the workers load it frozen and fine-tune the text part (and the
+fusion weights) through the fused loss. `train_candidate` is that whole recipe.
+
 A round starts from the promoted model's Hugging Face export (weights only; the optimizer restarts
 with a warmup). That is the default on purpose: an HF export is independent of the worker count and
 ZeRO stage, it is exactly what is served, and Adam moments from an older data distribution are of
@@ -76,7 +80,8 @@ def _load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Op
     store = Store.from_config(cfg.store)
     fusion = None
     if init_model_uri:
-        start, tokenizer, start_cfg = load_export(store.download_dir(_key_in(store, init_model_uri), Path(tempfile.mkdtemp(prefix="llmrec-init-"))))
+        local = Path(tempfile.mkdtemp(prefix="llmrec-init-"))
+        start, tokenizer, _ = load_export(store.download_dir(_key_in(store, init_model_uri), local))
         lm = start.lm
         lm.config.hidden_dropout_prob = cfg.model.dropout
         fusion = start.fusion_weights() if start.is_hybrid else None
