@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.quality_ml100k import OVERRIDES, classical_scorer, fast_auc, prepare, split, week_bounds
+from quality_ml100k import OVERRIDES, classical_scorer, fast_auc, prepare, split, week_bounds  # a script beside it
 from llmrec_ray.config import load_config
 from llmrec_ray.store import Store
 
