@@ -14,6 +14,7 @@ per-user function in a Ray Data pipeline (read_parquet -> groupby(user_id).map_g
 from __future__ import annotations
 
 import io
+import json
 import zlib
 from typing import Optional, Sequence
 
@@ -254,10 +255,10 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
 
 
 _TOKENIZERS: dict[str, object] = {}
-_VOCABS: dict[str, ItemVocab] = {}
+_INPUTS: dict[str, tuple[Config, Optional[ItemVocab]]] = {}  # run key -> (config, vocab), once per worker process
 
 
-def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, cfg_dict: dict, vocab_key: str,
+def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, cfg_dict: dict, inputs_key: str,
                     vocab_ids: Optional[list[str]]) -> dict:
     from transformers import AutoTokenizer
 
@@ -265,11 +266,11 @@ def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, cfg_dict: dict, voc
 
     if tokenizer_dir not in _TOKENIZERS:  # once per Ray worker process
         _TOKENIZERS[tokenizer_dir] = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    if vocab_ids is not None and vocab_key not in _VOCABS:
-        _VOCABS[vocab_key] = ItemVocab(vocab_ids)
-    cfg = config_from_dict(cfg_dict)
-    ids = {c: batch[c].tolist() for c in ("item_id", "history_ids", "history_ratings", "history_labels")} if vocab_ids else {}
-    enc = encode_inputs(_TOKENIZERS[tokenizer_dir], _VOCABS.get(vocab_key), cfg, batch["candidate_text"].tolist(),
+    if inputs_key not in _INPUTS:  # validating the config and indexing the vocab once, not per batch
+        _INPUTS[inputs_key] = (config_from_dict(cfg_dict), ItemVocab(vocab_ids) if vocab_ids is not None else None)
+    cfg, vocab = _INPUTS[inputs_key]
+    ids = {c: batch[c].tolist() for c in ("item_id", "history_ids", "history_ratings", "history_labels")} if vocab else {}
+    enc = encode_inputs(_TOKENIZERS[tokenizer_dir], vocab, cfg, batch["candidate_text"].tolist(),
                         batch["history_text"].tolist(), ids.get("item_id"), ids.get("history_ids"),
                         ids.get("history_ratings"), ids.get("history_labels"))
     enc["label"] = batch["label"].to_numpy(np.float32)
@@ -277,13 +278,16 @@ def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, cfg_dict: dict, voc
     return enc
 
 
-def tokenize(ds, cfg: Config, tokenizer_dir: str, vocab: Optional[ItemVocab] = None, vocab_key: str = ""):
+def tokenize(ds, cfg: Config, tokenizer_dir: str, vocab: Optional[ItemVocab] = None):
     """Adds the model's fixed-shape inputs (tokens; with a vocab the collaborative part's rows and history
     tensors); keeps only numeric columns (and label, timestamp) for Ray Train."""
+    cfg_dict = cfg.to_dict()
+    ids = vocab.ids if vocab is not None else None
+    # what the workers cache their parsed config and vocab under: the content, so two runs never share by mistake
+    inputs_key = f"{zlib.crc32(json.dumps(cfg_dict, sort_keys=True).encode()):08x}-{zlib.crc32(repr(ids).encode()):08x}"
     return ds.map_batches(_tokenize_batch, batch_format="pandas", batch_size=256,
-                          fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "cfg_dict": cfg.to_dict(),
-                                     "vocab_key": vocab_key or str(len(vocab or ())),
-                                     "vocab_ids": vocab.ids if vocab is not None else None})
+                          fn_kwargs={"tokenizer_dir": str(tokenizer_dir), "cfg_dict": cfg_dict,
+                                     "inputs_key": inputs_key, "vocab_ids": ids})
 
 
 def split_by_time(ds, val_fraction: float):

@@ -95,10 +95,10 @@ def encode_inputs(tokenizer, vocab: Optional[ItemVocab], cfg: Config, candidate_
     n = len(candidate_texts)
     ids = [None] * n if item_ids is None else list(item_ids)
     enc["cand_rows"] = np.array([vocab.index.get(str(i), 0) if i is not None else 0 for i in ids], np.int64)
-    empty = [[] for _ in range(n)]
+    empty = [[] for _ in range(n)]  # history_arrays reads a missing label as "derive it from the rating"
     hist = history_arrays(vocab, history_ids if history_ids is not None else empty,
                           history_ratings if history_ratings is not None else empty,
-                          history_labels if history_labels is not None else [[np.nan] * len(h) for h in (history_ids or empty)],
+                          history_labels if history_labels is not None else empty,
                           max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     enc.update(hist.as_dict())
     return enc

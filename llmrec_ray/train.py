@@ -301,7 +301,7 @@ def train_candidate(cfg: Config, store, targets: list[str], older: list[str], re
     stage = fit_round_collab(cfg, store, older + targets, init_model_uri, run_name) if cfg.model.kind == "hybrid" else None
     ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=replay,
                                max_rows=max_rows if max_rows is not None else cfg.data.max_rows_per_round)
-    tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None, vocab_key=run_name)
+    tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None)
     train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
     return run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store, collab_uri=stage.uri if stage else None,
                         extra_metrics=stage.report if stage else None)
