@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import math
+import json
 import os
 import shutil
 import socket
@@ -30,7 +30,7 @@ from typing import Any, Optional
 from llmrec_ray.store import ConflictError, Store, Versioned
 
 PREFIX = "registry/versions"
-PROMOTED_KEY = "registry/promoted.json"
+PROMOTED_KEY = "registry/promoted.json"  # the pointer; its one format: _pointer()
 
 
 class RegistryError(RuntimeError):
@@ -69,16 +69,6 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def _has_nan(obj: Any) -> bool:
-    if isinstance(obj, float):
-        return math.isnan(obj) or math.isinf(obj)
-    if isinstance(obj, dict):
-        return any(_has_nan(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return any(_has_nan(v) for v in obj)
-    return False
-
-
 def dir_sha256(path: str | Path) -> str:
     """sha256 over every file of a directory (relative path, size, bytes; in path order): a model export's identity."""
     path, digest = Path(path), hashlib.sha256()
@@ -100,6 +90,13 @@ def claim_key(version: str) -> str:
 
 def model_prefix(version: str) -> str:
     return f"{PREFIX}/{version}/model"
+
+
+def _pointer(current: dict, version: str, history: list[str], op: dict) -> dict:
+    """registry/promoted.json naming `version`: `op` is appended to the current pointer's log (the last 100 kept).
+    Readers (Serve) need version, model_prefix, history."""
+    log = [*current.get("log", []), {**op, "version": version, "at": _now()}][-100:]
+    return {"version": version, "model_prefix": model_prefix(version), "history": history, "updated_at": _now(), "log": log}
 
 
 class Registry:
@@ -196,17 +193,14 @@ class Registry:
                      "token": uuid.uuid4().hex}
             try:
                 self.store.put_json(claim_key(name), claim, None)
+                taken = self.store.read_json(version_key(name)).value is not None  # a version registered before claims
             except ConflictError:
-                if version:
-                    raise
-                name = f"v{int(name[1:]) + 1:04d}"  # claims are never released: each lost race is another's name
-                continue
-            if self.store.read_json(version_key(name)).value is not None:  # a version registered before claims
-                if version:
-                    raise ConflictError(f"version {version} already exists in the registry")
-                name = f"v{int(name[1:]) + 1:04d}"
-                continue
-            return name
+                taken = True  # claims are never released: each lost race is another's name
+            if not taken:
+                return name
+            if version:
+                raise ConflictError(f"version {version} is already claimed or registered; ask for no name to get the next")
+            name = f"v{int(name[1:]) + 1:04d}"
         raise RegistryError(f"could not claim a version name after {max_tries} tries (too many concurrent writers)")
 
     def create_version(self, export_dir: str | Path, *, parent: Optional[str], shards: list[str], config: dict | None = None,
@@ -230,7 +224,7 @@ class Registry:
         return name
 
     def check_loadable(self, version: str) -> None:
-        from llmrec_ray.model import load_export
+        from llmrec_ray.model import load_export  # here: torch + transformers cost seconds; nothing else needs them
 
         with tempfile.TemporaryDirectory() as tmp:
             self.store.download_dir(model_prefix(version), tmp)
@@ -244,9 +238,10 @@ class Registry:
         (None: nothing promoted yet), else PromotionConflict; a concurrent write that leaves it there is retried.
         ANY_PARENT (the default, `llmrec models promote`) swaps against whatever was just read. expected_etag:
         swap against exactly that etag (ConflictError if the pointer changed)."""
-        info = self.show(version)
-        if _has_nan(info.get("metrics", {})):
-            raise RegistryError(f"refusing to promote {version}: its metrics contain NaN/inf")
+        try:
+            json.dumps(self.show(version).get("metrics", {}), allow_nan=False)  # ValueError on NaN or an infinity
+        except ValueError:
+            raise RegistryError(f"refusing to promote {version}: its metrics contain NaN/inf") from None
         try:
             self.check_loadable(version)
         except ValueError as exc:
@@ -256,12 +251,7 @@ class Registry:
             current = cur.value or {}
             if expected_parent is not ANY_PARENT and current.get("version") != expected_parent:
                 raise PromotionConflict(version, expected_parent, current.get("version"))
-            history = list(current.get("history", []))
-            history.append(version)
-            ops = list(current.get("log", []))
-            ops.append({"op": _history_op, "version": version, "at": _now()})
-            ptr = {"version": version, "model_prefix": model_prefix(version), "history": history, "updated_at": _now(),
-                   "log": ops[-100:]}
+            ptr = _pointer(current, version, [*current.get("history", []), version], {"op": _history_op})
             try:
                 self.store.put_json(PROMOTED_KEY, ptr, cur.etag if expected_etag is None else expected_etag)
                 return version
@@ -286,11 +276,8 @@ class Registry:
         new_history = history[:-1]
         while new_history and new_history[-1] != target:
             new_history.pop()
-        ops = list(cur.value.get("log", []))
-        ops.append({"op": "rollback", "from": current, "version": target, "at": _now()})
-        ptr = {"version": target, "model_prefix": model_prefix(target), "history": new_history, "updated_at": _now(),
-               "log": ops[-100:]}
-        self.store.put_json(PROMOTED_KEY, ptr, cur.etag)
+        self.store.put_json(PROMOTED_KEY, _pointer(cur.value, target, new_history, {"op": "rollback", "from": current}),
+                            cur.etag)
         return target
 
     def retain(self, keep_versions: Optional[int] = None) -> list[str]:
@@ -303,9 +290,7 @@ class Registry:
         recent = set(vs[-keep:])
         pruned = []
         for v in vs:
-            if v in protected or v in recent:
-                continue
-            if self.store.list(model_prefix(v)):
+            if v not in protected and v not in recent and self.store.list(model_prefix(v)):
                 self.store.delete_prefix(model_prefix(v))
                 pruned.append(v)
         return pruned

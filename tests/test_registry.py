@@ -41,6 +41,8 @@ def test_create_promote_rollback(reg, tiny_export):
     assert reg.rollback() == v1
     ptr = reg.promoted().value
     assert ptr["version"] == v1 and ptr["log"][-1]["op"] == "rollback"
+    assert ptr["model_prefix"] == model_prefix(v1) and ptr["history"] == [v1] and ptr["log"][-1]["from"] == v2
+    assert [e["op"] for e in ptr["log"]] == ["promote", "promote", "rollback"]
     assert reg.show(v2)["version"] == v2  # nothing deleted
     with pytest.raises(RegistryError):
         reg.rollback()

@@ -13,6 +13,8 @@ import pyarrow as pa
 import pytest
 import requests
 
+from llmrec_ray.registry import PROMOTED_KEY, model_prefix
+from llmrec_ray.serve.schemas import ScoreRequest  # here: FastAPI resolves a route's (string) annotations in globals
 
 
 def free_port() -> int:
@@ -64,7 +66,7 @@ def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool
     out = save_export(model, tok, cfg, tmp_path / "exports" / version)
     if corrupt:
         (out / "model.safetensors").write_bytes(b"this is not a safetensors file" * 10)
-    store.upload_dir(out, f"registry/versions/{version}/model")
+    store.upload_dir(out, model_prefix(version))
     return out
 
 
@@ -90,9 +92,9 @@ def _expected(exports: dict, lm_from: str, tables_from: str, body: dict) -> list
 
 
 def _promote(store, version: str, history: list[str]):
-    cur = store.read_json("registry/promoted.json")
-    store.put_json("registry/promoted.json", {"version": version, "model_prefix": f"registry/versions/{version}/model",
-                                              "history": history, "updated_at": time.time()}, cur.etag)
+    cur = store.read_json(PROMOTED_KEY)
+    store.put_json(PROMOTED_KEY, {"version": version, "model_prefix": model_prefix(version), "history": history,
+                                  "updated_at": time.time()}, cur.etag)
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +218,8 @@ def test_score_client_errors(app):
         assert r.status_code == status, (data[:80], r.text)
         assert needle in r.json()["error"], (data[:80], r.text)
     metrics = requests.get(app["url"] + "/metrics", timeout=10).text
-    assert 'llmrec_request_failures_total{path="/v1/score",code="413"} 3' in metrics
-    assert 'llmrec_request_failures_total{path="/v1/score",code="500"}' not in metrics
+    assert 'llmrec_request_failures_total{code="413",path="/v1/score"} 3' in metrics  # prometheus_client sorts labels
+    assert 'llmrec_request_failures_total{code="500",path="/v1/score"}' not in metrics
 
 
 def test_other_client_errors(app):
@@ -237,7 +239,7 @@ def test_other_client_errors(app):
     r = _post(url, "/v1/recommend", {"history": [], "pool": ["1"], "k": 0})
     assert r.status_code == 422 and "k" in r.json()["error"]
     metrics = requests.get(url + "/metrics", timeout=10).text
-    assert 'llmrec_request_failures_total{path="/v1/recommend",code="422"}' in metrics
+    assert 'llmrec_request_failures_total{code="422",path="/v1/recommend"}' in metrics
 
 
 def test_bearer_auth(serve_env, monkeypatch):
@@ -570,12 +572,14 @@ def test_request_models_and_limits():
     from pydantic import ValidationError
 
     from llmrec_ray.config import ServeConfig
-    from llmrec_ray.serve import RecommendRequest, ScoreRequest, _explain, _without_paths
+    from llmrec_ray.serve.guard import explain
+    from llmrec_ray.serve.reload import without_paths
+    from llmrec_ray.serve.schemas import RecommendRequest, ScoreRequest
 
     def error(model, body):
         with pytest.raises(ValidationError) as e:
             model.model_validate(body)
-        return _explain(e.value.errors())
+        return explain(e.value.errors())
 
     assert error(ScoreRequest, {"candidates": ["1", {"text": "ok"}, {"text": "x\ud800y"}]}).startswith("candidates[2].text: ")
     assert "U+FFFE" in error(ScoreRequest, {"candidates": [{"text": "\ufffe"}]})
@@ -586,7 +590,7 @@ def test_request_models_and_limits():
     req = RecommendRequest.model_validate(README_EXAMPLE)
     assert req.pool == "all" and req.history[0].rating == 5
     assert ServeConfig().max_pool >= 1682 and ServeConfig().max_candidates <= 1000  # all of MovieLens-100K; /v1/score capped
-    msg = _without_paths("HeaderTooLarge: /tmp/llmrec-serve-x/v0003/model.safetensors; see file:///srv/store/a/b.json",
+    msg = without_paths("HeaderTooLarge: /tmp/llmrec-serve-x/v0003/model.safetensors; see file:///srv/store/a/b.json",
                          ["/tmp/llmrec-serve-x"])
     assert msg == "HeaderTooLarge: v0003/model.safetensors; see .../b.json", msg
 
@@ -614,3 +618,66 @@ def test_deployments_capture_every_global_they_use():
                 if inspect.isfunction(fn):
                     missing = {n for n in loaded_names(fn.__code__) if n not in fn.__globals__ and not hasattr(builtins, n)}
                     assert not missing, (deployment.name, name, missing)
+
+
+def test_guard_answers_json_errors_without_ray():
+    """The guard and the error handlers on a bare FastAPI app: 413 and 400 on the raw body, 422 naming the field,
+    404 in the same {"error"} shape, and a route's bug a 500 naming only the exception type."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from llmrec_ray.config import ServeConfig
+    from llmrec_ray.serve import guard
+
+    app = FastAPI()
+    guard.install(app, lambda: None)  # outside a replica: the default limits
+
+    @app.post("/echo")
+    async def echo(req: ScoreRequest) -> dict:
+        return {"n": len(req.candidates)}
+
+    @app.get("/bug")
+    async def bug() -> dict:
+        return {"x": 1 / 0}
+
+    client, s = TestClient(app), ServeConfig()
+    assert client.post("/echo", json={"candidates": ["1"]}).json() == {"n": 1}
+    r = client.post("/echo", content=b" " * (s.max_body_bytes + 1), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and f"serve.max_body_bytes={s.max_body_bytes}" in r.json()["error"]
+    r = client.post("/echo", content=b"[" * (s.max_json_depth + 1), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "max_json_depth" in r.json()["error"]
+    r = client.post("/echo", json={"candidates": [{"txt": "a"}]})
+    assert r.status_code == 422 and r.json()["error"].startswith("invalid request: candidates[0].txt")
+    assert client.get("/nowhere").json() == {"error": "Not Found"}
+    r = client.get("/bug")
+    assert r.status_code == 500 and r.json() == {"error": "internal error: ZeroDivisionError"}
+
+
+def test_metrics_text_escapes_labels_and_parses():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llmrec_ray.serve.metrics import IngressMetrics
+
+    m = IngressMetrics(["/v1/score", '/odd"path\\'])
+    for path, status in [("/v1/score", 200), ("/v1/score", 413), ('/odd"path\\', 422), ("/unknown", 404)]:
+        m.count(path, status)
+    info = {"version": 'v"1', "reloads": 2, "failed_loads": 1, "in_sync": True}
+    text = m.render(info).decode()
+    assert 'llmrec_request_failures_total{code="413",path="/v1/score"} 1.0' in text
+    assert 'llmrec_requests_total{path="/odd\\"path\\\\"} 1.0' in text  # " and \ escaped
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("llmrec_requests_total", (("path", '/odd"path\\'),))] == 1
+    assert samples[("llmrec_requests_total", (("path", "other"),))] == 1
+    assert samples[("llmrec_model_info", (("version", 'v"1'),))] == 1
+    assert samples[("llmrec_model_failed_loads_total", ())] == 1 and samples[("llmrec_model_in_sync", ())] == 1
+
+
+def test_importing_the_package_loads_no_torch():
+    """The ingress replica imports llmrec_ray.serve: only Scorer replicas should pay for torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, llmrec_ray.serve; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out

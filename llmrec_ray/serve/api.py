@@ -1,0 +1,138 @@
+"""The HTTP ingress: FastAPI routes on the `Api` deployment, which resolves requests against the catalogue and
+asks the Scorer through a bounded queue under a deadline.
+
+Routes take the typed bodies of schemas.py; the bearer token is a dependency, so it is checked before the body.
+A full Scorer queue is a 503 with Retry-After, a missed deadline (serve.request_timeout_s) a 504.
+"""
+
+import asyncio
+import hmac
+import time
+from typing import Optional
+
+from fastapi import FastAPI, HTTPException, Response, Security
+from fastapi.responses import PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from llmrec_ray.config import Config, config_from_dict
+from llmrec_ray.serve import guard
+from llmrec_ray.serve.metrics import IngressMetrics
+from llmrec_ray.serve.resolve import Catalog
+from llmrec_ray.serve.schemas import (Health, ModelInfo, RecommendRequest, RecommendResponse, Recommendation, Score,
+                                      ScoreItem, ScoreRequest, ScoreResponse, error_responses)
+from llmrec_ray.store import Store
+
+fastapi_app = FastAPI(title="llmrec-ray", description="LLM-backbone recommender on Ray Serve, hot-swapping the "
+                      "promoted model. Errors are {\"error\": \"...\"}; 422s name the field, e.g. candidates[2].text.")
+
+ROUTES = ("/v1/score", "/v1/recommend", "/v1/model", "/healthz", "/metrics")  # counted by path; anything else: "other"
+
+
+def _current_api() -> Optional["Api"]:
+    """The Api instance of this replica (the object Ray Serve's class-based routes run on); None outside a replica."""
+    try:
+        return serve.get_replica_context().servable_object
+    except Exception:  # noqa: BLE001 - not in a replica (an offline TestClient, the OpenAPI schema)
+        return None
+
+
+guard.install(fastapi_app, _current_api)
+
+_bearer = HTTPBearer(auto_error=False, description="Required when the server sets the env var named by "
+                     "serve.auth_token_env (default LLMREC_API_TOKEN): Authorization: Bearer <token>")
+
+
+async def _require_token(credentials: Optional[HTTPAuthorizationCredentials] = Security(_bearer)) -> None:
+    """A dependency, so it runs before the body is validated: a caller without the token learns nothing else."""
+    api = _current_api()
+    token = api.auth_token if api is not None else None
+    if not token:
+        return
+    got = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(got.encode(), token.encode()):
+        raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                            {"WWW-Authenticate": "Bearer"})
+
+
+async def _awaitable(response):
+    return await response
+
+
+_TOKEN = [Security(_require_token)]
+
+
+# NOTE: serve.ingress copies fastapi_app (and the route methods below) when the class is decorated: whatever the
+# routes use must be defined above this line.
+@serve.deployment(name="Api")  # max_ongoing_requests / max_queued_requests come from ServeConfig (app.py)
+@serve.ingress(fastapi_app)
+class Api:
+    def __init__(self, scorer, cfg_dict: dict, auth_token: Optional[str] = None):
+        self.scorer = scorer
+        self.cfg: Config = config_from_dict(cfg_dict)
+        self.auth_token = auth_token or None
+        self.metrics = IngressMetrics(ROUTES)
+        self.catalog = Catalog.read(Store.from_config(self.cfg.store), self.cfg)
+
+    def _deadline(self) -> float:
+        return time.time() + self.cfg.serve.request_timeout_s
+
+    async def _ask(self, response, deadline: float):
+        """The Scorer's answer to one call, or the client's answer why not: 503 (queue full, with Retry-After), 504."""
+        s = self.cfg.serve
+        retry = {"Retry-After": str(s.retry_after_s)}
+        try:
+            return await asyncio.wait_for(_awaitable(response), timeout=max(0.0, deadline - time.time()))
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise HTTPException(504, f"no answer within serve.request_timeout_s={s.request_timeout_s:g} s") from None
+        except BackPressureError:
+            raise HTTPException(503, f"the scorer is at capacity (serve.max_ongoing_requests={s.max_ongoing_requests} "
+                                     f"per replica, serve.max_queued_requests={s.max_queued_requests} waiting); retry "
+                                     f"after {s.retry_after_s} s", retry) from None
+        except DeploymentUnavailableError:
+            raise HTTPException(503, "the scorer is not available (starting or failed); retry later", retry) from None
+
+    async def _score(self, item: ScoreItem) -> dict:
+        res = await self._ask(self.scorer.score.remote(item), item.deadline)
+        if "error" in res:
+            status = res.get("status", 503)
+            retry = {"Retry-After": str(self.cfg.serve.retry_after_s)} if status == 503 else None
+            raise HTTPException(status, res["error"], retry)
+        return res
+
+    @fastapi_app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
+                      responses=error_responses(400, 401, 413, 422, 503, 504), dependencies=_TOKEN)
+    async def score(self, req: ScoreRequest) -> ScoreResponse:
+        item, keys = self.catalog.score_item(req, self._deadline())
+        res = await self._score(item)
+        return ScoreResponse(model_version=res["version"],
+                             scores=[Score(**k, probability=p) for k, p in zip(keys, res["probs"])])
+
+    @fastapi_app.post("/v1/recommend", response_model=RecommendResponse,
+                      responses=error_responses(400, 401, 413, 422, 503, 504), dependencies=_TOKEN)
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        item, pool = self.catalog.recommend_item(req, self._deadline())
+        res = await self._score(item)
+        ranked = sorted(zip(pool, res["probs"]), key=lambda t: -t[1])[:req.k]
+        return RecommendResponse(model_version=res["version"], items=[
+            Recommendation(item_id=i, title=self.catalog.titles[i], probability=p) for i, p in ranked])
+
+    @fastapi_app.get("/v1/model", response_model=ModelInfo, responses=error_responses(401, 503, 504), dependencies=_TOKEN)
+    async def model_info(self) -> dict:
+        return await self._ask(self.scorer.info.remote(), self._deadline())
+
+    @fastapi_app.get("/healthz", response_model=Health, responses=error_responses(503, 504))
+    async def healthz(self) -> Health:
+        info = await self._ask(self.scorer.info.remote(), self._deadline())
+        if not info.get("version"):
+            raise HTTPException(503, "no model loaded", {"Retry-After": str(self.cfg.serve.retry_after_s)})
+        return Health(status="ok", version=info["version"])
+
+    @fastapi_app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401, 503, 504),
+                     dependencies=_TOKEN)
+    async def metrics_text(self) -> Response:
+        info = await self._ask(self.scorer.info.remote(), self._deadline())
+        return Response(self.metrics.render(info), media_type=CONTENT_TYPE_LATEST)

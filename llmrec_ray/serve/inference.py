@@ -1,0 +1,113 @@
+"""One loaded model version and the forward pass of a Scorer batch: plain functions over the model module, no Ray.
+
+Each request of a batch is checked and encoded on its own (`model.encode_inputs`), so a bad input fails alone
+(422) and never its batch-mates; the encoded requests then run together, serve.forward_rows rows per forward
+(`model` module's forward + sigmoid), skipping the rows of requests past their deadline (504).
+"""
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from llmrec_ray.config import Config, ServeConfig
+from llmrec_ray.serve.schemas import ScoreItem
+
+# The model module (torch, transformers) is imported inside the functions that run the model, which run in Scorer
+# replicas only: the ingress replica imports this package too, and without torch it starts ~2.5 s faster in ~185 MB
+# less memory.
+
+log = logging.getLogger("llmrec.serve")
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One version, both parts: swapped as ONE reference, so a request never sees the text part of one
+    version with the collaborative tables of another."""
+    model: Any  # llmrec_ray.model.HybridScorer (text part + tables + fusion)
+    tokenizer: Any
+    version: str
+    cfg: Config  # the config the version was trained with (max_seq_len, like_threshold, history_len)
+
+
+def load_version(store, prefix: str, version: str, cache_root: Path) -> Loaded:
+    """Download + load one export fully into cache_root/<version>. Raises on any problem."""
+    from llmrec_ray.model import load_export
+
+    local = cache_root / version
+    if local.exists():
+        shutil.rmtree(local, ignore_errors=True)
+    store.download_dir(prefix, local)
+    model, tokenizer, mcfg = load_export(local)
+    return Loaded(model, tokenizer, version, mcfg)
+
+
+def encode_item(state: Loaded, item: ScoreItem) -> dict:
+    """One request's model inputs (numpy): a bad one fails alone, never its batch-mates."""
+    from llmrec_ray.model import encode_inputs
+
+    n = len(item.candidate_texts)
+    return encode_inputs(state.tokenizer, state.model.vocab, state.cfg, item.candidate_texts, [item.history_text] * n,
+                         item.candidate_ids, [item.history_ids] * n, [item.history_ratings] * n)
+
+
+def forward(state: Loaded, encoded: list[dict], deadlines: Optional[list[float]] = None,
+            rows: int = 256) -> list[Optional[list[float]]]:
+    """P(like) per request, for several requests' inputs run together `rows` rows per forward (activation memory
+    stays bounded however many candidates a batch holds). A request past its deadline when its rows come up is
+    skipped: None."""
+    from llmrec_ray.model import _probs  # the model's forward + sigmoid, as score_frame runs it (model.py: not public)
+
+    sizes = [len(e["input_ids"]) for e in encoded]
+    owner = np.repeat(np.arange(len(encoded)), sizes)  # (N,) the request each row belongs to
+    batch = {k: np.concatenate([e[k] for e in encoded]) for k in encoded[0]}
+    due = np.asarray(deadlines if deadlines is not None else [np.inf] * len(encoded), np.float64)
+    probs, done = np.zeros(len(owner)), np.zeros(len(owner), bool)
+    for start in range(0, len(owner), rows):
+        idx = np.arange(start, min(start + rows, len(owner)))
+        idx = idx[due[owner[idx]] > time.time()]
+        if len(idx):
+            probs[idx] = _probs(state.model, {k: v[idx] for k, v in batch.items()})
+            done[idx] = True
+    ends = np.cumsum(sizes)
+    return [probs[e - n:e].tolist() if done[e - n:e].all() else None for n, e in zip(sizes, ends)]
+
+
+def warm_up(state: Loaded) -> None:
+    """Score a known and an unknown item once: a broken version fails here, never on a request."""
+    known = state.model.vocab.ids[:1] if state.model.vocab is not None else []
+    ids = [*known, None]
+    forward(state, [encode_item(state, ScoreItem(["warm up"] * len(ids), "no history", ids, list(known),
+                                                 [float("nan")] * len(known)))])
+
+
+def score_items(state: Loaded, requests: list[ScoreItem], s: ServeConfig) -> list[dict]:
+    """One Scorer batch: {"probs", "version"} per request, or {"error", "status"} for that request alone."""
+    late = {"error": f"no answer within serve.request_timeout_s={s.request_timeout_s:g} s", "status": 504}
+    out: list[dict] = [{} for _ in requests]
+    encoded, good = [], []
+    now = time.time()
+    for i, item in enumerate(requests):  # check and encode per request: one bad input fails alone
+        n = len(item.candidate_texts)
+        tokens = n * state.cfg.model.max_seq_len
+        if item.deadline <= now:
+            out[i] = late
+        elif tokens > s.max_request_tokens:
+            out[i] = {"error": f"{n} candidates x {state.cfg.model.max_seq_len} tokens (model.max_seq_len) = {tokens} "
+                               f"tokens; serve.max_request_tokens={s.max_request_tokens}", "status": 422}
+        else:
+            try:
+                encoded.append(encode_item(state, item))
+                good.append(i)
+            except Exception as exc:  # noqa: BLE001 - reported to that request only
+                log.warning("llmrec serve: request input refused: %s: %s", type(exc).__name__, exc)
+                out[i] = {"error": f"input cannot be encoded: {type(exc).__name__}", "status": 422}
+    if encoded:
+        probs = forward(state, encoded, [requests[i].deadline for i in good], s.forward_rows)
+        for i, p in zip(good, probs):
+            out[i] = {"probs": p, "version": state.version} if p is not None else late
+    return out

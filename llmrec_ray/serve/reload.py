@@ -1,0 +1,171 @@
+"""Hot reload for one Scorer replica: follow the registry's promoted pointer (or a pinned version) and swap the
+loaded model as ONE reference, never on the request path. No Ray here: `Scorer` (scorer.py) drives it.
+
+A version that fails to load or to warm up is refused and the old one keeps serving; the refusal shows in the
+log, in GET /v1/model (without server paths) and in /metrics. It is tried again as soon as the pointer is written
+again (re-promoted after a repair: the pointer's etag changes), else after serve.reload_backoff_s, doubling up to
+serve.reload_backoff_max_s.
+"""
+
+import logging
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+from llmrec_ray.config import Config
+from llmrec_ray.registry import PROMOTED_KEY, Registry, model_prefix
+from llmrec_ray.serve.inference import Loaded, load_version, warm_up
+
+log = logging.getLogger("llmrec.serve")
+
+_PATH = re.compile(r"(?:[A-Za-z][\w+.-]*://[^\s'\"]+|(?<![\w.~])(?:/[^\s/'\"():,;]+){2,}/?)")
+
+
+def without_paths(text: str, roots: list[str]) -> str:
+    """`text` with server paths and URIs cut to their last part (GET /v1/model is for clients, not for the layout
+    of the server's disks): the known roots go first, then anything that looks like an absolute path or a URI."""
+    for root in roots:
+        text = text.replace(root.rstrip("/") + "/", "")
+    return _PATH.sub(lambda m: ".../" + m.group().rstrip("/").rsplit("/", 1)[-1], text)
+
+
+class Reloader:
+    """The replica's model: `state` (None until a first load) and why it is, or is not, the promoted version.
+
+    Versions are downloaded into `cache` (deleted by `close`). Loads are serialised by a lock that the request
+    path never takes: a batch reads `state` once."""
+
+    def __init__(self, cfg: Config, registry: Registry, cache: Path):
+        self.cfg, self.registry, self.cache = cfg, registry, cache
+        self.state: Optional[Loaded] = None  # swapped as one reference
+        self._lock = threading.Lock()  # serialises loads (poller vs reconfigure vs shutdown)
+        self._stop = threading.Event()
+        self.pinned: Optional[str] = None
+        self.reloads = self.failed_loads = 0
+        self.last_error: Optional[dict] = None  # the latest refused load, for clients; cleared by a successful load
+        # The version last refused: {"version", "pointer" (the pointer's etag then), "attempts", "retry_at", "error"}.
+        # Not tried again before retry_at unless the pointer is written again.
+        self.refused: Optional[dict] = None
+        self.promoted: Optional[str] = None  # the version the pointer named when last read
+        self.promoted_checked_at: Optional[float] = None
+        self.pointer_error: Optional[str] = None  # why the pointer could not be read, if it could not
+        self.lineage: list[str] = []
+        self.loaded_at: Optional[float] = None
+
+    def close(self) -> None:
+        """Stop polling and delete the downloaded versions (after a download in progress, for at most 10 s)."""
+        self._stop.set()
+        held = self._lock.acquire(timeout=10)
+        try:
+            shutil.rmtree(self.cache, ignore_errors=True)
+        finally:
+            if held:
+                self._lock.release()
+
+    def _public(self, text: str) -> str:
+        store = self.registry.store
+        return without_paths(text, [str(self.cache), store.root, store.uri])[:1000]
+
+    def _try_load(self, version: str, prefix: str, lineage: list[str], pointer: Optional[str] = None) -> bool:
+        with self._lock:
+            if self._stop.is_set():
+                return False
+            cur = self.state.version if self.state else None
+            if version == cur:
+                return True
+            t0 = time.time()
+            try:
+                state = load_version(self.registry.store, prefix, version, self.cache)
+                warm_up(state)
+            except Exception as exc:  # refused: the old model keeps serving
+                self._refuse(version, pointer, cur, exc)
+                return False
+            self.state = state  # the swap: one reference
+            self.reloads += 1
+            self.lineage, self.loaded_at, self.last_error = lineage, time.time(), None
+            if self.refused and self.refused["version"] == version:
+                self.refused = None
+            log.info("llmrec serve: now serving %s (was %s; load %.2f s)", version, cur, time.time() - t0)
+            if cur and cur != version:
+                shutil.rmtree(self.cache / cur, ignore_errors=True)
+            return True
+
+    def _refuse(self, version: str, pointer: Optional[str], serving: Optional[str], exc: Exception) -> None:
+        s = self.cfg.serve
+        self.failed_loads += 1
+        shutil.rmtree(self.cache / version, ignore_errors=True)
+        r = self.refused
+        attempts = r["attempts"] + 1 if r and r["version"] == version and r["pointer"] == pointer else 1
+        backoff = min(s.reload_backoff_max_s, s.reload_backoff_s * 2 ** (attempts - 1))
+        error = self._public(f"could not load {version}: {type(exc).__name__}: {exc}")
+        self.refused = {"version": version, "pointer": pointer, "attempts": attempts,
+                        "retry_at": time.time() + backoff, "error": error}
+        self.last_error = {"version": version, "error": error, "at": time.time()}
+        log.error("llmrec serve: refusing model %s (still serving %s; retried when re-promoted or in %.0f s)",
+                  version, serving, backoff, exc_info=exc)
+
+    def poll_once(self) -> None:
+        """Read the pointer (also while pinned, for GET /v1/model); load what it names unless pinned or refused."""
+        try:
+            got = self.registry.promoted()
+        except Exception as exc:
+            self.pointer_error = self._public(f"the promoted pointer could not be read: {type(exc).__name__}: {exc}")
+            log.warning("llmrec serve: reading %s: %s", PROMOTED_KEY, exc)
+            return
+        ptr = got.value if got else {}
+        self.pointer_error = None
+        version = self.promoted = ptr.get("version")
+        self.promoted_checked_at = time.time()
+        if self.pinned or not version or (self.state and version == self.state.version):
+            return
+        pointer = got.etag or str(ptr.get("updated_at"))  # changes whenever the pointer is written, even to the same name
+        r = self.refused
+        if r and r["version"] == version and r["pointer"] == pointer and time.time() < r["retry_at"]:
+            return  # refused: tried again once re-promoted (the pointer is rewritten) or after the backoff
+        self._try_load(version, ptr.get("model_prefix") or model_prefix(version), list(ptr.get("history") or []), pointer)
+
+    def poll_forever(self) -> None:
+        """poll_once every serve.poll_interval_s until close()."""
+        while not self._stop.wait(self.cfg.serve.poll_interval_s):
+            try:
+                self.poll_once()
+            except Exception:  # never let the poller die
+                log.exception("llmrec serve: poll failed")
+
+    def pin(self, version: Optional[str]) -> None:
+        """Serve `version` whatever is promoted; None: follow the pointer again."""
+        self.pinned = version
+        if self.refused:  # an operator's change: a refused version may be tried again at once
+            self.refused["retry_at"] = 0.0
+        if version:
+            self._try_load(version, model_prefix(version), [version])
+        else:
+            self.poll_once()
+
+    def info(self) -> dict:
+        """GET /v1/model (schemas.ModelInfo)."""
+        served = self.state.version if self.state else None
+        in_sync = served is not None and served == self.promoted
+        return {"version": served, "promoted_version": self.promoted, "in_sync": in_sync, "reason": self._reason(served),
+                "pinned_version": self.pinned, "lineage": self.lineage, "loaded_at": self.loaded_at,
+                "promoted_checked_at": self.promoted_checked_at, "reloads": self.reloads,
+                "failed_loads": self.failed_loads, "last_load_error": self.last_error}
+
+    def _reason(self, served: Optional[str]) -> Optional[str]:
+        """Why the served version is not the promoted one, in one line (None: they agree)."""
+        promoted, r = self.promoted, self.refused
+        if self.pointer_error:
+            return self.pointer_error
+        if served is not None and served == promoted:
+            return None
+        if self.pinned:
+            return f"pinned to {self.pinned} (user_config pinned_version): the promoted pointer is not followed"
+        if promoted is None:
+            return "nothing is promoted yet"
+        if r and r["version"] == promoted:
+            return (f"{promoted} was refused ({r['attempts']} attempt(s)): {r['error']}; tried again when it is promoted "
+                    f"again, else in {max(0.0, r['retry_at'] - time.time()):.0f} s")
+        return f"{promoted} is loading or not seen yet (the pointer is read every {self.cfg.serve.poll_interval_s:g} s)"
