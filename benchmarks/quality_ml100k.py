@@ -97,7 +97,8 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
                      cfg: Config, previous=None):
     """(scorer(frame) -> probs, state to warm-start the next week). Fitted only on what it is given."""
     from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity
-    from llmrec_ray.collab import fit_collab, history_arrays, predict_logits, warm_start
+    from llmrec_ray.collab import fit_collab, predict_logits, warm_start
+    from llmrec_ray.ids import history_arrays
 
     if arm == "popularity":
         m = Popularity().fit(train_events)

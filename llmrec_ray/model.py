@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import yaml
 
-from llmrec_ray.collab import (HIST_KEYS, VOCAB_FILE, WEIGHTS_FILE, CollabNet, ItemVocab, history_arrays, load_collab,
-                               save_collab)
+from llmrec_ray.collab import VOCAB_FILE, WEIGHTS_FILE, CollabNet, load_collab, save_collab
+from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import Config, ModelConfig, config_from_dict
-from llmrec_ray.text import tokenize_pairs
+from llmrec_ray.text import TOKEN_KEYS, tokenize_pairs
 
 CONFIG_FILE = "llmrec_config.yaml"
 FUSION_FILE = "fusion.json"
@@ -222,7 +222,24 @@ def load_export(model_dir: str | Path):
     return HybridScorer(lm, collab, vocab, fusion).eval(), tokenizer, cfg
 
 
-def _probs(model, enc: dict) -> np.ndarray:
+def trim_padding(enc: dict) -> dict:
+    """Token arrays cut to the batch's longest row (tokenize_pairs pads to max_seq_len). Padded positions are
+    masked out, so the scores do not change; the forward costs what the batch's real tokens need."""
+    longest = max(1, int(enc["attention_mask"].sum(axis=1).max())) if len(enc["attention_mask"]) else 1
+    return {k: (v[:, :longest] if k in TOKEN_KEYS else v) for k, v in enc.items()}
+
+
+def quantize_int8(model: HybridScorer) -> HybridScorer:
+    """The text part's Linear layers as dynamic int8 (weights int8, activations quantised per batch): a CPU
+    inference switch (serve.quantize=int8). The collaborative tables and the fusion stay float.
+    Speed and AUC change: benchmarks/bench_inference.py."""
+    model.lm = torch.ao.quantization.quantize_dynamic(unwrap(model.lm), {torch.nn.Linear}, dtype=torch.qint8)
+    return model.eval()
+
+
+def predict_probs(model, enc: dict) -> np.ndarray:
+    """P(like) float32 (B,) for one batch of encode_inputs' (or tokenize_pairs') arrays: the forward + sigmoid."""
+    enc = trim_padding(enc)
     with torch.inference_mode():
         logits = model(**{k: torch.from_numpy(v) for k, v in enc.items()})
         logits = logits.logits.squeeze(-1) if hasattr(logits, "logits") else logits  # a bare transformers model
@@ -236,7 +253,7 @@ def score_texts(model, tokenizer, candidate_texts: Sequence[str], history_texts:
     out = []
     for i in range(0, len(candidate_texts), batch_size):
         enc = tokenize_pairs(tokenizer, list(candidate_texts[i:i + batch_size]), list(history_texts[i:i + batch_size]), max_seq_len)
-        out.append(_probs(model, enc))
+        out.append(predict_probs(model, enc))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -251,5 +268,5 @@ def score_frame(model: HybridScorer, tokenizer, cfg: Config, frame, batch_size: 
                             part["item_id"].tolist(), part["history_ids"].tolist() if has_ids else None,
                             part["history_ratings"].tolist() if has_ids else None,
                             part["history_labels"].tolist() if has_ids else None)
-        out.append(_probs(model, enc))
+        out.append(predict_probs(model, enc))
     return np.concatenate(out) if out else np.zeros(0, np.float32)

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from llmrec_ray.collab import CollabNet, ItemVocab, fit_collab, history_arrays, load_collab, predict_logits, warm_start
+from llmrec_ray.collab import CollabNet, fit_collab, load_collab, predict_logits, warm_start
+from llmrec_ray.ids import ItemVocab, history_arrays
 from llmrec_ray.config import load_config
 from llmrec_ray.model import HybridScorer, build_model, encode_inputs, load_export, save_export, score_frame
 
@@ -139,3 +140,37 @@ def test_text_kind_exports_only_the_text_part(tmp_path):
     assert not (tmp_path / "t" / "collab.safetensors").exists()
     loaded, _, _ = load_export(tmp_path / "t")
     assert not loaded.is_hybrid
+
+
+def test_padding_trimmed_to_the_longest_row_changes_no_score(cfg):
+    from llmrec_ray.model import predict_probs, trim_padding
+
+    model, tokenizer = _hybrid(cfg)
+    enc = encode_inputs(tokenizer, model.vocab, cfg, CANDS[:2], ["a", "b"], ["1", "9"], [["2"], []], [[5.0], []])
+    trimmed = trim_padding(enc)
+    assert trimmed["input_ids"].shape[1] < enc["input_ids"].shape[1] == cfg.model.max_seq_len  # short rows: cut
+    assert trimmed["hist_rows"].shape == enc["hist_rows"].shape  # only the token arrays
+    with torch.inference_mode():
+        full = torch.sigmoid(model(**{k: torch.from_numpy(v) for k, v in enc.items()})).numpy()
+    np.testing.assert_allclose(predict_probs(model, enc), full, atol=1e-6)  # predict_probs trims
+
+
+def test_int8_scores_agree_with_fp32_and_serve_loads_int8(cfg, tmp_path):
+    """Tolerance stated: P(like) within 0.02 of fp32 on the tiny model (the quality benchmark's AUC change:
+    benchmarks/bench_inference.py). Serve's load_version applies serve.quantize=int8."""
+    from llmrec_ray.model import quantize_int8
+    from llmrec_ray.serve.inference import load_version
+    from llmrec_ray.store import Store
+
+    model, tokenizer = _hybrid(cfg)
+    frame = _frame(["1", "2", "9"], [["2"], [], ["2", "1"]])
+    fp32 = score_frame(model, tokenizer, cfg, frame)
+    save_export(model, tokenizer, cfg, tmp_path / "export")
+    int8 = score_frame(quantize_int8(model), tokenizer, cfg, frame)
+    assert np.abs(int8 - fp32).max() < 0.02
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.lm.modules())
+    store = Store.from_config(load_config(None, [f"store.uri={tmp_path / 'store'}"]).store)
+    store.upload_dir(tmp_path / "export", "registry/versions/v0001/model")
+    served = load_version(store, "registry/versions/v0001/model", "v0001", tmp_path / "cache", quantize="int8")
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in served.model.lm.modules())
+    np.testing.assert_allclose(score_frame(served.model, served.tokenizer, served.cfg, frame), int8, atol=1e-6)

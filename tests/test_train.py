@@ -9,7 +9,8 @@ from llmrec_ray import ingest
 from llmrec_ray.config import load_config
 from llmrec_ray.model import load_export, model_source, score_texts
 from llmrec_ray.store import Store
-from llmrec_ray.train import deepspeed_config, run_training, total_steps
+from llmrec_ray.train import run_training
+from llmrec_ray.train_worker import deepspeed_config, total_steps
 
 TINY = ["model.backbone=tiny", "model.max_seq_len=24", "model.dropout=0.0", "train.num_workers=2",
         "train.batch_size_per_worker=16", "train.eval_every_steps=4", "train.patience=5", "train.lr_first=3e-3",
@@ -32,7 +33,8 @@ def pattern_frame(n: int, seed: int) -> pd.DataFrame:
 
 def stage_collab(cfg, store):
     """What the round's driver does before training: fit the tables (here on the random ids) and stage them."""
-    from llmrec_ray.collab import fit_collab, history_arrays, save_collab, warm_start
+    from llmrec_ray.collab import fit_collab, save_collab, warm_start
+    from llmrec_ray.ids import history_arrays
 
     frame = pattern_frame(512, 0)
     net, vocab = warm_start(None, frame["item_id"], cfg.model.collab.dim)
@@ -69,9 +71,18 @@ def rounds(ray_session, tmp_path_factory):
     # before: once in a clean-clone run the replacement then started without any checkpoint, most likely because
     # the only one (step 0's) was not yet registered by Ray Train; step 5 comes after a second report.
     cfg2 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "train.zero_stage=2", "train.max_failures=1"])
+    marker = str(root / "killed")
+
+    def kill_last_worker_once(step: int, rank: int, world: int) -> None:  # nested: Ray pickles it by value
+        import os
+        from pathlib import Path
+
+        if step == 5 and rank == world - 1 and not Path(marker).exists():  # the replacement must finish
+            Path(marker).write_text("killed")
+            os._exit(1)
+
     second = run_training(cfg2, train, val, store.key_uri("registry/versions/v0001/model"), "round2", store,
-                          extra_loop_config={"_kill_at_step": 5, "_kill_marker": str(root / "killed")},
-                          collab_uri=collab_uri)
+                          extra_loop_config={"on_step": kill_last_worker_once}, collab_uri=collab_uri)
     cfg3 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "model.kind=text", "model.lora.enabled=true",
                               "model.lora.r=4", "train.max_epochs=1"])
     text_train, text_val = datasets(cfg3)  # the text-only model: tokens alone

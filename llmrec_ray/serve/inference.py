@@ -34,16 +34,17 @@ class Loaded:
     cfg: Config  # the config the version was trained with (max_seq_len, like_threshold, history_len)
 
 
-def load_version(store, prefix: str, version: str, cache_root: Path) -> Loaded:
-    """Download + load one export fully into cache_root/<version>. Raises on any problem."""
-    from llmrec_ray.model import load_export
+def load_version(store, prefix: str, version: str, cache_root: Path, quantize: str = "none") -> Loaded:
+    """Download + load one export fully into cache_root/<version>. Raises on any problem.
+    quantize="int8" (serve.quantize): the text part's Linear layers as dynamic int8 (CPU inference)."""
+    from llmrec_ray.model import load_export, quantize_int8
 
     local = cache_root / version
     if local.exists():
         shutil.rmtree(local, ignore_errors=True)
     store.download_dir(prefix, local)
     model, tokenizer, mcfg = load_export(local)
-    return Loaded(model, tokenizer, version, mcfg)
+    return Loaded(quantize_int8(model) if quantize == "int8" else model, tokenizer, version, mcfg)
 
 
 def encode_item(state: Loaded, item: ScoreItem) -> dict:
@@ -60,7 +61,7 @@ def forward(state: Loaded, encoded: list[dict], deadlines: Optional[list[float]]
     """P(like) per request, for several requests' inputs run together `rows` rows per forward (activation memory
     stays bounded however many candidates a batch holds). A request past its deadline when its rows come up is
     skipped: None."""
-    from llmrec_ray.model import _probs  # the model's forward + sigmoid, as score_frame runs it (model.py: not public)
+    from llmrec_ray.model import predict_probs  # the model's forward + sigmoid, as score_frame runs it
 
     sizes = [len(e["input_ids"]) for e in encoded]
     owner = np.repeat(np.arange(len(encoded)), sizes)  # (N,) the request each row belongs to
@@ -71,7 +72,7 @@ def forward(state: Loaded, encoded: list[dict], deadlines: Optional[list[float]]
         idx = np.arange(start, min(start + rows, len(owner)))
         idx = idx[due[owner[idx]] > time.time()]
         if len(idx):
-            probs[idx] = _probs(state.model, {k: v[idx] for k, v in batch.items()})
+            probs[idx] = predict_probs(state.model, {k: v[idx] for k, v in batch.items()})
             done[idx] = True
     ends = np.cumsum(sizes)
     return [probs[e - n:e].tolist() if done[e - n:e].all() else None for n, e in zip(sizes, ends)]

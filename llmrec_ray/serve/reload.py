@@ -78,7 +78,7 @@ class Reloader:
                 return True
             t0 = time.time()
             try:
-                state = load_version(self.registry.store, prefix, version, self.cache)
+                state = load_version(self.registry.store, prefix, version, self.cache, self.cfg.serve.quantize)
                 warm_up(state)
             except Exception as exc:  # refused: the old model keeps serving
                 self._refuse(version, pointer, cur, exc)
