@@ -1,0 +1,438 @@
+"""Retrieval, the first of the two stages of /v1/recommend: the catalogue's best N items for a user by inner product,
+which the full scorer then reranks.
+
+Why an inner product is exact: for one user, the hybrid's collaborative logit (llmrec_ray/collab.py)
+
+    mu + b[i] + <u, E[i]> + w[:6] . f(history) + w[6] * logcount[i] + bias
+  = <[u, 1], [E[i], b[i] + w[6] * logcount[i]]>  +  (terms of the user alone)
+
+so ranking items by the collaborative part is a maximum inner product search with the item vector
+[E[i], b[i] + w[6] * logcount[i]] (dim + 1 floats) against the user vector [u, 1], u read from the request's history.
+
+Items the tables never saw (new catalogue items; vocab row 0) get a vector from their text: at build time a ridge
+regression is fitted from frozen text vectors of known items (mean-pooled hidden states of the export's own text
+encoder, each item's text encoded once) to their item vectors, and applied to the unknown ones. `add_items` does the
+same for items that appear after the index was built: no retrain.
+
+Search is exact (torch matrix-vector product + top-k): over 1,000,000 items of 17 floats it takes a few ms on one
+core (benchmarks/bench_retrieval.py), far under the 50 ms target, so no ANN library is kept.
+
+The index is saved next to a version (`save_index` -> item_index.npz, one atomic file) with the version name and a
+fingerprint of the collaborative tables inside; `load_index` refuses an index of another version or model, so a
+request never mixes versions. Pure numpy + torch: no Ray here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from llmrec_ray.collab import UNKNOWN, CollabNet, ItemVocab, history_arrays
+
+INDEX_FILE = "item_index.npz"
+FORMAT = 1
+RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)  # chosen per build by exact leave-one-out error
+SMALL_POOL_SHARE = 64  # a pool of at most 1/64 of the items is scored alone; larger ones are columns of a full pass
+MAX_FIT_ITEMS = 20_000  # known items whose texts are encoded to fit the ridge (a seeded sample above this)
+
+
+# --- vectors from the model -------------------------------------------------------------------------------
+def item_table_vectors(collab: CollabNet) -> np.ndarray:
+    """(num_items + 1, dim + 1) float32: [E[row], b[row] + w_count * logcount[row]]; row 0 (unknown) is zero."""
+    with torch.no_grad():
+        w_count = collab.user_features.weight[0, -1]  # the candidate's log count is the last feature
+        extra = collab.item_bias.weight[:, 0] + w_count * collab.item_logcount
+        out = torch.cat([collab.cand.weight, extra.unsqueeze(-1)], dim=-1).float().numpy().copy()
+    out[UNKNOWN] = 0.0
+    return out
+
+
+def user_vectors(model, cfg, histories: Sequence[Sequence[str]], ratings: Optional[Sequence[Sequence[float]]] = None,
+                 labels: Optional[Sequence[Sequence[float]]] = None) -> np.ndarray:
+    """(B, dim + 1) float32 [u, 1] per history (item ids newest first; ratings NaN/None = none; labels NaN or an empty
+    list = derived from the rating). `model`: a hybrid HybridScorer; `cfg`: its Config (history length, threshold)."""
+    _require_hybrid(model)
+    b = len(histories)
+    ratings = [[np.nan] * len(h) for h in histories] if ratings is None else [
+        [np.nan if r is None else float(r) for r in rs] for rs in ratings]
+    labels = [[] for _ in range(b)] if labels is None else labels
+    if len(ratings) != b or len(labels) != b:
+        raise ValueError(f"user_vectors: {b} histories but {len(ratings)} rating lists and {len(labels)} label lists")
+    hist = history_arrays(model.vocab, histories, ratings, labels, max(1, cfg.model.collab.history_len),
+                          cfg.data.like_threshold)
+    with torch.inference_mode():
+        u, _ = model.collab.user_side(**{k: torch.from_numpy(v) for k, v in hist.as_dict().items()})
+    return np.concatenate([u.float().numpy(), np.ones((b, 1), np.float32)], axis=1)
+
+
+def model_key(model) -> str:
+    """sha256 of the collaborative tables and vocab: which model an index was built from."""
+    _require_hybrid(model)
+    digest = hashlib.sha256(json.dumps(model.vocab.ids).encode())
+    for name, tensor in sorted(model.collab.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _require_hybrid(model) -> None:
+    if getattr(model, "collab", None) is None:
+        raise ValueError("retrieval needs a hybrid model (model.kind=hybrid): a text-only export has no item tables")
+
+
+class TextEncoder:
+    """texts -> (N, hidden) float32: mean over real tokens of the text part's last hidden states (frozen).
+
+    Each text is encoded alone (one segment), in batches sorted by length and padded to their longest row."""
+
+    def __init__(self, lm, tokenizer, max_len: int, batch_size: int = 64):
+        self.body, self.tokenizer, self.max_len, self.batch_size = lm.base_model, tokenizer, max_len, batch_size
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        hidden = self.body.config.hidden_size
+        out = np.zeros((len(texts), hidden), np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        self.body.eval()
+        for i in range(0, len(texts), self.batch_size):
+            rows = order[i:i + self.batch_size]
+            enc = self.tokenizer([texts[r] for r in rows], truncation=True, max_length=self.max_len, padding=True,
+                                 return_tensors="pt")
+            with torch.inference_mode():
+                states = self.body(**enc).last_hidden_state  # (B, T, H)
+            mask = enc["attention_mask"].unsqueeze(-1).to(states.dtype)
+            out[rows] = ((states * mask).sum(1) / mask.sum(1).clamp(min=1.0)).float().numpy()
+        return out
+
+
+# --- text -> item vector ------------------------------------------------------------------------------------
+@dataclass
+class TextProjection:
+    """Ridge regression from text vectors (H,) to item vectors (D,): y = (x - x_mean) @ weight + y_mean."""
+    x_mean: np.ndarray  # (H,)
+    weight: np.ndarray  # (H, D)
+    y_mean: np.ndarray  # (D,)
+    alpha: float = 0.0
+    loo_r2: float = float("nan")  # leave-one-out R^2 over the known items it was fitted on (all D outputs pooled)
+    num_fit: int = 0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, np.float32) - self.x_mean) @ self.weight + self.y_mean).astype(np.float32)
+
+    @classmethod
+    def fit(cls, x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = RIDGE_ALPHAS) -> "TextProjection":
+        """The alpha with the least exact leave-one-out error (one SVD serves every alpha). Fewer than 3 rows:
+        predict their mean (zeros with none)."""
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        n, h, d = len(x), x.shape[1], y.shape[1]
+        if n < 3:
+            y_mean = y.mean(0) if n else np.zeros(d)
+            return cls(np.zeros(h, np.float32), np.zeros((h, d), np.float32), y_mean.astype(np.float32), num_fit=n)
+        x_mean, y_mean = x.mean(0), y.mean(0)
+        xc, yc = x - x_mean, y - y_mean
+        u, s, vt = np.linalg.svd(xc, full_matrices=False)
+        uy = u.T @ yc  # (r, D)
+        best = None
+        for alpha in alphas:
+            shrink = s ** 2 / (s ** 2 + alpha)  # (r,)
+            fitted = u @ (shrink[:, None] * uy)
+            leverage = (u ** 2) @ shrink + 1.0 / n  # diagonal of the hat matrix, + the intercept's share
+            loo = (yc - fitted) / (1.0 - leverage)[:, None]
+            mse = float((loo ** 2).mean())
+            if best is None or mse < best[0]:
+                best = (mse, alpha)
+        mse, alpha = best
+        weight = vt.T @ ((s / (s ** 2 + alpha))[:, None] * uy)  # (H, D)
+        total = float((yc ** 2).mean())
+        return cls(x_mean.astype(np.float32), weight.astype(np.float32), y_mean.astype(np.float32), float(alpha),
+                   1.0 - mse / total if total > 0 else float("nan"), n)
+
+
+@dataclass
+class ItemSource:
+    """What computes vectors for new items: the model's table vectors for ids it knows, else text -> projection."""
+    vocab: ItemVocab
+    table: np.ndarray  # (num_items + 1, D) from item_table_vectors
+    encode: Callable[[Sequence[str]], np.ndarray]  # texts -> (N, H)
+    key: str  # model_key of the model
+
+    @classmethod
+    def from_model(cls, model, tokenizer, cfg, batch_size: int = 64) -> "ItemSource":
+        _require_hybrid(model)
+        return cls(model.vocab, item_table_vectors(model.collab), TextEncoder(model.lm, tokenizer, cfg.model.max_seq_len,
+                                                                             batch_size), model_key(model))
+
+    def vectors(self, item_ids: Sequence[str], texts: Sequence[str], projection: TextProjection) -> tuple[np.ndarray, np.ndarray]:
+        """((N, D) float32, (N,) bool from_text): table rows for known ids, the projected text vector for the rest."""
+        rows = self.vocab.rows(item_ids)
+        out = self.table[rows].astype(np.float32)
+        from_text = rows == UNKNOWN
+        if from_text.any():
+            out[from_text] = projection(self.encode([texts[i] for i in np.flatnonzero(from_text)]))
+        return out, from_text
+
+
+# --- the index --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Retrieved:
+    """One user's top items, best first."""
+    item_ids: list[str]
+    rows: np.ndarray  # (n,) int64 index rows
+    scores: np.ndarray  # (n,) float32 inner products (the collaborative logit less the user's own terms)
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Everything per item, swapped as one object so a search running while items are added sees one state."""
+    item_ids: list[str]
+    position: dict[str, int]
+    vectors_t: np.ndarray  # (D, N) float32: the transposed layout is the fast one for (B, D) @ (D, N)
+    from_text: np.ndarray  # (N,) bool
+    genres: list[frozenset]
+    genre_rows: dict = field(default_factory=dict)  # genre -> rows, filled on first use
+
+
+def _genre_set(g) -> frozenset:
+    """'Action|Comedy', an iterable of genres, or None -> frozenset."""
+    if g is None or (isinstance(g, float) and g != g):
+        return frozenset()
+    if isinstance(g, str):
+        return frozenset(x for x in g.split("|") if x)
+    return frozenset(str(x) for x in g)
+
+
+class ItemIndex:
+    """One vector per catalogue item; exact top-N by inner product, within a pool, less excluded items."""
+
+    def __init__(self, item_ids: Sequence[str], vectors: np.ndarray, *, version: str, model_key: str = "",
+                 from_text: Optional[np.ndarray] = None, genres: Optional[Sequence] = None,
+                 projection: Optional[TextProjection] = None, source: Optional[ItemSource] = None):
+        ids = [str(i) for i in item_ids]
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim != 2 or len(vectors) != len(ids):
+            raise ValueError(f"ItemIndex: {len(ids)} item ids but vectors of shape {vectors.shape}; need (N, dim)")
+        position = {i: r for r, i in enumerate(ids)}
+        if len(position) != len(ids):
+            dup = next(i for r, i in enumerate(ids) if position[i] != r)
+            raise ValueError(f"ItemIndex: item id {dup!r} is listed twice; pass each catalogue item once")
+        if genres is not None and len(genres) != len(ids):
+            raise ValueError(f"ItemIndex: {len(ids)} item ids but {len(genres)} genre entries")
+        self.version, self.model_key, self.projection, self.source = version, model_key, projection, source
+        self._cols = _Columns(ids, position, np.ascontiguousarray(vectors.T),
+                              np.zeros(len(ids), bool) if from_text is None else np.asarray(from_text, bool),
+                              [_genre_set(g) for g in genres] if genres is not None else [frozenset()] * len(ids))
+
+    # --- reading ---
+    def __len__(self) -> int:
+        return len(self._cols.item_ids)
+
+    def __contains__(self, item_id) -> bool:
+        return str(item_id) in self._cols.position
+
+    @property
+    def dim(self) -> int:
+        return self._cols.vectors_t.shape[0]
+
+    @property
+    def item_ids(self) -> list[str]:
+        return self._cols.item_ids
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(N, dim) float32 view."""
+        return self._cols.vectors_t.T
+
+    @property
+    def from_text(self) -> np.ndarray:
+        """(N,) bool: True where the vector was computed from the item's text (the tables never saw it)."""
+        return self._cols.from_text
+
+    def rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """(N,) int64 rows of these ids; ValueError naming the first id that is not in the index."""
+        position = self._cols.position
+        out = np.empty(len(item_ids), np.int64)
+        for k, i in enumerate(item_ids):
+            r = position.get(str(i))
+            if r is None:
+                raise ValueError(f"item id {i!r} (position {k}) is not in the item index of version {self.version}; "
+                                 "add it to the catalogue (ItemIndex.add_items) first")
+            out[k] = r
+        return out
+
+    def genre_rows(self, genre: str) -> np.ndarray:
+        """(M,) int64 rows of the items with this genre (empty when none has it)."""
+        cols = self._cols
+        rows = cols.genre_rows.get(genre)
+        if rows is None:
+            rows = cols.genre_rows[genre] = np.fromiter((r for r, g in enumerate(cols.genres) if genre in g), np.int64)
+        return rows
+
+    # --- search ---
+    def top_n(self, user_vectors: np.ndarray, n: int, allowed: Optional[np.ndarray] = None,
+              exclude: Optional[Sequence[Sequence[str]]] = None) -> list[Retrieved]:
+        """The n best items per user vector ((dim,) or (B, dim)), best first; fewer when the pool is smaller.
+
+        allowed: the pool, as rows ((M,) int, e.g. from `rows` or `genre_rows`) or a (N,) bool mask; None = every item.
+        exclude: per user, item ids never to return (the history, for exclude_history); ids not indexed are ignored."""
+        cols = self._cols  # one consistent state even if add_items swaps it meanwhile
+        q = np.atleast_2d(np.asarray(user_vectors, np.float32))
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"user vectors of shape {np.shape(user_vectors)}; this index needs (B, {self.dim})")
+        if n < 1:
+            raise ValueError(f"n={n}; ask for at least 1 item")
+        if exclude is not None and len(exclude) != len(q):
+            raise ValueError(f"exclude has {len(exclude)} lists for {len(q)} user vectors; pass one per user")
+        num = len(cols.item_ids)
+        pool = _pool_rows(allowed, num)  # None or sorted rows; results are taken among its columns
+        if pool is not None and len(pool) * SMALL_POOL_SHARE <= num:  # a few items: score only theirs
+            scores = torch.from_numpy(q) @ torch.from_numpy(cols.vectors_t[:, pool])  # (B, M)
+        else:  # score every item (one pass over the vectors, the fast path), then keep the pool's columns
+            scores = torch.from_numpy(q) @ torch.from_numpy(cols.vectors_t)  # (B, N)
+            if pool is not None:
+                scores = scores[:, torch.from_numpy(pool)]
+        if exclude is not None:
+            for b, ids in enumerate(exclude):
+                rows = np.fromiter((r for r in map(cols.position.get, map(str, ids)) if r is not None), np.int64)
+                if pool is not None:  # rows -> columns of the pool; rows outside it need no exclusion
+                    at = np.minimum(np.searchsorted(pool, rows), len(pool) - 1)
+                    rows = at[pool[at] == rows] if len(pool) else rows[:0]
+                if len(rows):
+                    scores[b, torch.from_numpy(rows)] = -torch.inf
+        k = min(n, scores.shape[1])
+        if k == 0:
+            return [Retrieved([], np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in range(len(q))]
+        values, cols_idx = torch.topk(scores, k, dim=1, sorted=True)
+        out = []
+        for v, c in zip(values.numpy(), cols_idx.numpy()):
+            keep = np.isfinite(v)
+            rows = (c[keep] if pool is None else pool[c[keep]]).astype(np.int64)
+            out.append(Retrieved([cols.item_ids[r] for r in rows], rows, v[keep]))
+        return out
+
+    # --- growing ---
+    def add_items(self, item_ids: Sequence[str], texts: Sequence[str], genres: Optional[Sequence] = None) -> list[str]:
+        """Index items that appeared after the build, without a retrain: the tables' vector when the model knows the
+        id, else the text's. Returns the ids added, in order; ids already indexed keep their vector (a text edit of
+        an indexed item takes effect with the next version's index). Searches may run meanwhile (they see the items
+        before or after, never half); call it from one thread at a time (Serve: its catalogue refresher)."""
+        if self.source is None or self.projection is None:
+            raise ValueError("this index has no model attached to compute new items' vectors: build it with "
+                             "build_index, or load it with load_index(..., model=, tokenizer=, cfg=)")
+        if len(texts) != len(item_ids) or (genres is not None and len(genres) != len(item_ids)):
+            raise ValueError(f"add_items: {len(item_ids)} ids, {len(texts)} texts"
+                             + ("" if genres is None else f", {len(genres)} genre entries") + "; pass one of each per item")
+        cols = self._cols
+        fresh: dict[str, int] = {}
+        for k, i in enumerate(map(str, item_ids)):
+            if i not in cols.position and i not in fresh:
+                fresh[i] = k
+        if not fresh:
+            return []
+        ids, at = list(fresh), list(fresh.values())
+        vectors, from_text = self.source.vectors(ids, [texts[k] for k in at], self.projection)
+        start = len(cols.item_ids)
+        self._cols = _Columns(
+            cols.item_ids + ids, {**cols.position, **{i: start + r for r, i in enumerate(ids)}},
+            np.concatenate([cols.vectors_t, vectors.T], axis=1), np.concatenate([cols.from_text, from_text]),
+            cols.genres + [_genre_set(None if genres is None else genres[k]) for k in at])
+        return ids
+
+
+def _pool_rows(allowed, num: int) -> Optional[np.ndarray]:
+    """None (every item) or sorted unique rows."""
+    if allowed is None:
+        return None
+    allowed = np.asarray(allowed)
+    if allowed.dtype == bool:
+        if allowed.shape != (num,):
+            raise ValueError(f"allowed: a bool mask of shape {allowed.shape}; the index has {num} items")
+        return np.flatnonzero(allowed)
+    rows = allowed.astype(np.int64, copy=False).reshape(-1)
+    if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():  # rows from rows()/genre_rows() are sorted already
+        rows = np.unique(rows)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= num):
+        raise ValueError(f"allowed: rows must lie in [0, {num}); got {rows[0]}..{rows[-1]}")
+    return rows
+
+
+# --- build / save / load ----------------------------------------------------------------------------------
+def build_index(model, tokenizer, cfg, item_ids: Sequence[str], texts: Sequence[str], genres: Optional[Sequence] = None,
+                *, version: str, batch_size: int = 64, max_fit_items: int = MAX_FIT_ITEMS, seed: int = 0) -> ItemIndex:
+    """The item index of one version from its loaded hybrid export (llmrec_ray.model.load_export) and the catalogue
+    (item ids, candidate texts as llmrec_ray.text.item_text writes them, genres 'A|B' or sets). Texts encoded: the
+    unknown items' and up to `max_fit_items` known ones' (to fit the text -> item vector ridge), once each."""
+    if len(texts) != len(item_ids) or (genres is not None and len(genres) != len(item_ids)):
+        raise ValueError(f"build_index: {len(item_ids)} ids but {len(texts)} texts"
+                         + ("" if genres is None else f" and {len(genres)} genre entries"))
+    source = ItemSource.from_model(model, tokenizer, cfg, batch_size)
+    ids = [str(i) for i in item_ids]
+    known = np.flatnonzero(source.vocab.rows(ids) != UNKNOWN)
+    if len(known) > max_fit_items:
+        known = np.sort(np.random.default_rng(seed).choice(known, max_fit_items, replace=False))
+    projection = TextProjection.fit(source.encode([texts[i] for i in known]),
+                                    source.table[source.vocab.rows([ids[i] for i in known])])
+    vectors, from_text = source.vectors(ids, list(texts), projection)
+    return ItemIndex(ids, vectors, version=version, model_key=source.key, from_text=from_text, genres=genres,
+                     projection=projection, source=source)
+
+
+def save_index(index: ItemIndex, out_dir: str | Path) -> Path:
+    """<out_dir>/item_index.npz, written atomically (temp file + rename): readers see the old index or the new one."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols, p = index._cols, index.projection
+    meta = {"format": FORMAT, "version": index.version, "model_key": index.model_key, "dim": index.dim,
+            "item_ids": cols.item_ids, "genres": ["|".join(sorted(g)) for g in cols.genres],
+            "projection": None if p is None else {"alpha": p.alpha, "loo_r2": p.loo_r2, "num_fit": p.num_fit}}
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), np.uint8), "vectors_t": cols.vectors_t,
+              "from_text": cols.from_text}
+    if p is not None:
+        arrays.update(proj_x_mean=p.x_mean, proj_weight=p.weight, proj_y_mean=p.y_mean)
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{INDEX_FILE}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, out_dir / INDEX_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_dir / INDEX_FILE
+
+
+def load_index(index_dir: str | Path, *, version: str, model=None, tokenizer=None, cfg=None) -> ItemIndex:
+    """The index saved in index_dir for `version`. ValueError when it is missing, unreadable, of another version, or
+    (with `model`) built from other tables. With model + tokenizer + cfg the model is attached for add_items."""
+    path = Path(index_dir) / INDEX_FILE
+    if not path.is_file():
+        raise ValueError(f"no item index at {path}; build it at promotion (llmrec_ray.retrieval.build_index + save_index)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes().decode())
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+        assert meta["format"] == FORMAT, f"format {meta['format']}, this code reads {FORMAT}"
+    except Exception as exc:  # truncated file, bad JSON, another format: one clear error
+        raise ValueError(f"item index {path} cannot be loaded: {type(exc).__name__}: {exc}; rebuild it") from None
+    if meta["version"] != version:
+        raise ValueError(f"item index {path} was built for version {meta['version']!r}, not {version!r}; "
+                         "serve each version with its own index (rebuild it for this version)")
+    if model is not None and model_key(model) != meta["model_key"]:
+        raise ValueError(f"item index {path} (version {version}) was built from other collaborative tables than the "
+                         "model given; rebuild it from this version's export")
+    projection = None
+    if "proj_weight" in arrays:
+        p = meta["projection"]
+        projection = TextProjection(arrays["proj_x_mean"], arrays["proj_weight"], arrays["proj_y_mean"], p["alpha"],
+                                    p["loo_r2"], p["num_fit"])
+    source = None
+    if model is not None and tokenizer is not None and cfg is not None:
+        source = ItemSource.from_model(model, tokenizer, cfg)
+    return ItemIndex(meta["item_ids"], arrays["vectors_t"].T, version=meta["version"], model_key=meta["model_key"],
+                     from_text=arrays["from_text"], genres=meta["genres"], projection=projection, source=source)
