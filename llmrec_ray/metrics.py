@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 
@@ -69,6 +67,3 @@ def sample_negatives(catalog_items, exclude: set, num: int, rng: np.random.Gener
     idx = rng.choice(len(pool), size=num, replace=replace)
     return [pool[i] for i in idx]
 
-
-def is_bad(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))

@@ -30,38 +30,34 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 EVENTS = ("rating", "click", "view", "purchase", "impression")
 
-INTERACTION_SCHEMA = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("event", pa.string(), nullable=False),
-        pa.field("rating", pa.float32(), nullable=True),
-        pa.field("label", pa.int8(), nullable=False),
-        pa.field("timestamp", pa.int64(), nullable=False),
-        pa.field("context", pa.string(), nullable=True),
-    ]
-)
-
-CATALOG_SCHEMA = pa.schema(
-    [
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("title", pa.string(), nullable=False),
-        pa.field("genres", pa.string(), nullable=True),
-        pa.field("description", pa.string(), nullable=True),
-        pa.field("year", pa.int32(), nullable=True),
-        pa.field("first_seen", pa.int64(), nullable=True),
-    ]
-)
+# The tables of the module docstring, as (name, type, nullable) per column.
+INTERACTION_SCHEMA = pa.schema([pa.field(name, kind, nullable=nullable) for name, kind, nullable in (
+    ("user_id", pa.string(), False), ("item_id", pa.string(), False), ("event", pa.string(), False),
+    ("rating", pa.float32(), True), ("label", pa.int8(), False), ("timestamp", pa.int64(), False),
+    ("context", pa.string(), True))])
+CATALOG_SCHEMA = pa.schema([pa.field(name, kind, nullable=nullable) for name, kind, nullable in (
+    ("item_id", pa.string(), False), ("title", pa.string(), False), ("genres", pa.string(), True),
+    ("description", pa.string(), True), ("year", pa.int32(), True), ("first_seen", pa.int64(), True))])
 
 CATALOG_KEY = "catalog/items.parquet"
 INTERACTIONS_PREFIX = "interactions"
 QUARANTINE_PREFIX = "quarantine"
 LEDGER_KEY = "ledger.json"
+
+
+def load_catalog(store, columns: list[str] | None = None) -> pd.DataFrame:
+    """The item catalogue of a store (llmrec_ray.store.Store), indexed by item_id; ValueError naming the fix if there
+    is none. `columns`: only these (item_id is always read)."""
+    if not store.exists(CATALOG_KEY):
+        raise ValueError(f"no catalogue at {store.key_uri(CATALOG_KEY)}; import data first (llmrec data import ...)")
+    wanted = None if columns is None else ["item_id", *(c for c in columns if c != "item_id")]
+    return store.read_table(CATALOG_KEY, columns=wanted).to_pandas().set_index("item_id")
 
 
 def shard_key(period_start: dt.date, part: int = 0) -> str:
@@ -114,11 +110,6 @@ def validate_interactions(table: pa.Table, known_item_ids: set[str] | None) -> l
                 ShardProblem(f"{unknown} rows have item ids not in the catalogue (e.g. {examples}); add them to {CATALOG_KEY}", unknown)
             )
     return problems
-
-
-def conform_interactions(table: pa.Table) -> pa.Table:
-    """Cast a validated table to exactly INTERACTION_SCHEMA (column order and types)."""
-    return pa.table({f.name: pc.cast(table.column(f.name), f.type) for f in INTERACTION_SCHEMA}, schema=INTERACTION_SCHEMA)
 
 
 def _castable(col: pa.ChunkedArray, target: pa.DataType) -> bool:

@@ -7,15 +7,16 @@ Writes of single objects are atomic: a reader sees the old bytes or the new byte
 Locally that is write-to-temp + os.replace; on S3 a PUT is atomic by itself. Small JSON objects that
 several writers update (the ledger, the promoted pointer) use compare-and-swap: S3 conditional PUT
 (`If-Match: <etag>` / `If-None-Match: *`, 412 on conflict) or, locally, a file lock + etag check.
+The S3 clients and the one-line explanations of S3 failures are in llmrec_ray/s3.py.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,9 +24,12 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from llmrec_ray.config import StoreConfig
+from llmrec_ray.s3 import endpoint_url, explain_error, make_client, make_filesystem, put_if_match
 
 
 class StoreError(RuntimeError):
@@ -46,39 +50,6 @@ class Versioned:
 
 def _md5(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-_BAD_CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                    "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
-# pyarrow's S3 errors carry the AWS SDK's error name: "... AWS Error ACCESS_DENIED during HeadObject operation ..."
-_PYARROW_CODES = {"ACCESS_DENIED": "AccessDenied", "INVALID_ACCESS_KEY_ID": "InvalidAccessKeyId",
-                  "SIGNATURE_DOES_NOT_MATCH": "SignatureDoesNotMatch", "NO_SUCH_BUCKET": "NoSuchBucket",
-                  "NETWORK_CONNECTION": "Unreachable", "EXPIRED_TOKEN": "ExpiredToken"}
-
-
-def _s3_error_code(exc: Optional[BaseException]) -> Optional[str]:
-    """The S3 error code of `exc` or of an exception it wraps: the service's code (InvalidAccessKeyId, NoSuchBucket,
-    ...), "NoCredentials", "Unreachable" (no connection to the endpoint), or None."""
-    try:
-        from botocore import exceptions as bex
-    except ImportError:  # boto3 is a dependency; without it only pyarrow's errors are recognised
-        bex = None
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if bex is not None:
-            if isinstance(exc, bex.ClientError):
-                return str(exc.response.get("Error", {}).get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
-            if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError)):
-                return "NoCredentials"
-            if isinstance(exc, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)):
-                return "Unreachable"
-        if isinstance(exc, OSError):
-            match = re.search(r"AWS Error ([A-Z_]+)", str(exc))
-            if match and match.group(1) in _PYARROW_CODES:
-                return _PYARROW_CODES[match.group(1)]
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__  # `cause`: a RayTaskError's
-    return None
 
 
 class Store:
@@ -123,37 +94,14 @@ class Store:
     @property
     def fs(self) -> pafs.FileSystem:
         if self._fs is None:
-            self._fs = pafs.LocalFileSystem() if self.scheme == "file" else self._make_s3fs()
+            self._fs = pafs.LocalFileSystem() if self.scheme == "file" else make_filesystem(self.cfg)
         return self._fs
-
-    def _endpoint(self) -> Optional[str]:
-        return self.cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-    def _make_s3fs(self) -> pafs.S3FileSystem:
-        kwargs: dict[str, Any] = {"region": self.cfg.region}
-        endpoint = self._endpoint()
-        if endpoint:
-            parsed = urlparse(endpoint)
-            kwargs["endpoint_override"] = parsed.netloc or parsed.path
-            kwargs["scheme"] = parsed.scheme or "https"
-        if self.cfg.access_key_id and self.cfg.secret_access_key:
-            kwargs["access_key"] = self.cfg.access_key_id
-            kwargs["secret_key"] = self.cfg.secret_access_key
-        return pafs.S3FileSystem(**kwargs)
 
     @property
     def s3(self):
         """A boto3 S3 client (S3 stores only): used for conditional writes, which pyarrow lacks."""
         if self._s3 is None:
-            import boto3  # imported lazily: local stores never need it
-
-            kwargs: dict[str, Any] = {"region_name": self.cfg.region}
-            if self._endpoint():
-                kwargs["endpoint_url"] = self._endpoint()
-            if self.cfg.access_key_id and self.cfg.secret_access_key:
-                kwargs["aws_access_key_id"] = self.cfg.access_key_id
-                kwargs["aws_secret_access_key"] = self.cfg.secret_access_key
-            self._s3 = boto3.client("s3", **kwargs)
+            self._s3 = make_client(self.cfg)
         return self._s3
 
     def _s3_key(self, key: str) -> str:
@@ -178,31 +126,14 @@ class Store:
                 raise
             raise explained from None
         if must_exist and not found.get("KeyCount"):
-            raise StoreError(f"store {self.uri} does not exist (no objects under it at {self._endpoint() or 'AWS'}): "
-                             f"check --store / store.uri, or {create}")
+            raise StoreError(f"store {self.uri} does not exist (no objects under it at "
+                             f"{endpoint_url(self.cfg) or 'AWS'}): check --store / store.uri, or {create}")
 
     def explain(self, exc: BaseException) -> Optional[StoreError]:
         """The S3 failure behind `exc` (boto3 or pyarrow, possibly wrapped, e.g. by a Ray task) as a one-line StoreError
         naming the problem and the fix; None if `exc` is not one."""
-        code = _s3_error_code(exc) if self.scheme == "s3" else None
-        if code is None:
-            return None
-        endpoint = self._endpoint() or "the AWS default endpoint"
-        keys = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or store.access_key_id/store.secret_access_key"
-        if code in _BAD_CREDENTIALS:
-            return StoreError(f"S3 rejected the credentials for {self.uri} at {endpoint} ({code}): check {keys}")
-        if code == "NoCredentials":
-            return StoreError(f"no S3 credentials found for {self.uri}: set {keys}")
-        if code in ("AccessDenied", "403", "Forbidden"):
-            return StoreError(f"S3 denied access to {self.uri} at {endpoint} ({code}): check the credentials ({keys}) "
-                              f"and that they may read and write bucket {self.bucket!r}")
-        if code in ("NoSuchBucket", "404"):
-            return StoreError(f"S3 bucket {self.bucket!r} does not exist at {endpoint}: create it (e.g. `aws s3 mb "
-                              f"s3://{self.bucket}`) or fix store.uri / store.endpoint_url")
-        if code == "Unreachable":
-            return StoreError(f"cannot reach the S3 endpoint {endpoint} for {self.uri} (connection failed): check "
-                              "store.endpoint_url / AWS_ENDPOINT_URL and that the server is running")
-        return None
+        message = explain_error(exc, self.cfg, self.uri, self.bucket) if self.scheme == "s3" else None
+        return StoreError(message) if message else None
 
     # --- plain objects ----------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
@@ -214,6 +145,15 @@ class Store:
                 return f.read()
         except FileNotFoundError:
             raise StoreError(f"{self.key_uri(key)} does not exist") from None
+
+    def read_table(self, key: str, columns: Optional[list[str]] = None) -> pa.Table:
+        """A Parquet object (a shard, the catalogue) as an Arrow table; StoreError if it does not exist."""
+        return pq.read_table(io.BytesIO(self.read_bytes(key)), columns=columns)
+
+    def num_rows(self, key: str) -> int:
+        """Rows of a Parquet object, from its footer (the data pages are not decoded)."""
+        with self.fs.open_input_file(self.fs_path(key)) as f:
+            return pq.read_metadata(f).num_rows
 
     def write_bytes(self, key: str, data: bytes) -> None:
         """Atomic: readers see the previous object or this one, never a partial write."""
@@ -331,34 +271,21 @@ class Store:
         """
         data = json.dumps(value, indent=2, sort_keys=True).encode()
         if self.scheme == "s3":
-            return self._s3_put_if(key, data, expected_etag)
+            etag = put_if_match(self.s3, self.bucket, self._s3_key(key), data, expected_etag)
+        else:
+            etag = self._put_if_match_local(key, data, expected_etag)
+        if etag is None:
+            raise ConflictError(f"{self.key_uri(key)} changed since it was read (expected etag {expected_etag}); "
+                                "another writer won -- re-read it and retry")
+        return etag
+
+    def _put_if_match_local(self, key: str, data: bytes, expected_etag: Optional[str]) -> Optional[str]:
+        """put_if_match on a local file: a file lock makes the etag check and the write one step."""
         path = Path(self.fs_path(key))
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = path.parent / f".{path.name}.lock"
-        with open(lock_path, "a") as lock:
+        with open(path.parent / f".{path.name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            current = _md5(path.read_bytes()) if path.is_file() else None
-            if current != expected_etag:
-                raise ConflictError(
-                    f"{self.key_uri(key)} changed since it was read (expected etag {expected_etag}, found "
-                    f"{current}); another writer won -- re-read it and retry"
-                )
+            if (_md5(path.read_bytes()) if path.is_file() else None) != expected_etag:
+                return None
             self.write_bytes(key, data)
         return _md5(data)
-
-    def _s3_put_if(self, key: str, data: bytes, expected_etag: Optional[str]) -> str:
-        from botocore.exceptions import ClientError
-
-        cond = {"IfNoneMatch": "*"} if expected_etag is None else {"IfMatch": expected_etag}
-        try:
-            resp = self.s3.put_object(Bucket=self.bucket, Key=self._s3_key(key), Body=data, **cond)
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise ConflictError(
-                    f"{self.key_uri(key)} changed since it was read (expected etag {expected_etag}); "
-                    "another writer won -- re-read it and retry"
-                ) from None
-            raise
-        return resp["ETag"]

@@ -27,6 +27,13 @@ def item_text(title: str, genres: Optional[str] = None, description: Optional[st
     return " | ".join(parts)
 
 
+def item_texts(catalog) -> dict[str, tuple[str, str]]:
+    """A catalogue (DataFrame indexed by item_id: title, genres, description) -> item_id -> (candidate text, title
+    for histories)."""
+    desc = catalog["description"] if "description" in catalog else [None] * len(catalog)
+    return {i: (item_text(t, g, d), t) for i, t, g, d in zip(catalog.index, catalog["title"], catalog["genres"], desc)}
+
+
 def history_entry(title: str, rating: Optional[float]) -> str:
     """One past event; a None or NaN rating is an implicit event (click, view)."""
     return title if rating is None or rating != rating else f"{title} rated {rating:g}"

@@ -1,9 +1,12 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from llmrec_ray import metrics
+from llmrec_ray.config import load_config
+from llmrec_ray.evaluate import evaluate_all
 
 
 def test_auc_perfect_and_reversed():
@@ -40,11 +43,6 @@ def test_sample_negatives_excludes_and_seeded():
 
 
 def test_evaluate_all_scores_every_scorer_on_the_same_rows_and_skips_ranking_on_request():
-    import pandas as pd
-
-    from llmrec_ray.config import load_config
-    from llmrec_ray.evaluate import evaluate_all
-
     cfg = load_config(None, ["eval.num_negatives=4", "eval.k=2", "eval.max_rows=20"])
     items = {f"i{j}": (f"item {j}", "") for j in range(12)}
     rng = np.random.default_rng(0)

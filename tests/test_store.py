@@ -2,6 +2,7 @@ import threading
 
 import pytest
 
+from llmrec_ray.config import StoreConfig
 from llmrec_ray.store import ConflictError, Store, StoreError
 
 
@@ -55,7 +56,5 @@ def test_racing_writers_exactly_one_wins(store_cfg):
 
 
 def test_bad_uri():
-    from llmrec_ray.config import StoreConfig
-
     with pytest.raises(StoreError, match="unsupported scheme"):
         Store(StoreConfig(uri="gs://x/y"))
