@@ -681,3 +681,24 @@ def test_importing_the_package_loads_no_torch():
     code = "import sys, llmrec_ray.serve; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out
+
+
+def test_admission_bounds_pending_rows_and_always_lets_a_lone_request_in():
+    from llmrec_ray.serve.admission import Admission, Overloaded
+
+    a = Admission(max_pending_rows=100)
+    with a.hold(500):  # nothing pending: goes, however big (the per-request limits bound it)
+        with pytest.raises(Overloaded, match="500 candidate rows are pending, 1 more"):
+            with a.hold(1):
+                pass
+        assert a.pending == 500 and a.refused == 1
+    with a.hold(60):
+        with a.hold(40):  # exactly at the bound
+            assert a.pending == 100
+        with pytest.raises(Overloaded):
+            with a.hold(41):
+                pass
+    with pytest.raises(RuntimeError):  # released on errors too
+        with a.hold(10):
+            raise RuntimeError("scorer failed")
+    assert a.pending == 0

@@ -2,7 +2,8 @@
 asks the Scorer through a bounded queue under a deadline.
 
 Routes take the typed bodies of schemas.py; the bearer token is a dependency, so it is checked before the body.
-A full Scorer queue is a 503 with Retry-After, a missed deadline (serve.request_timeout_s) a 504.
+A full Scorer queue, or more candidate rows pending than serve.max_pending_rows per Scorer replica (admission.py),
+is a 503 with Retry-After; a missed deadline (serve.request_timeout_s) a 504.
 """
 
 import asyncio
@@ -19,6 +20,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from llmrec_ray.config import Config, config_from_dict
 from llmrec_ray.serve import guard
+from llmrec_ray.serve.admission import Admission, Overloaded
 from llmrec_ray.serve.metrics import IngressMetrics
 from llmrec_ray.serve.resolve import Catalog
 from llmrec_ray.serve.schemas import (Health, ModelInfo, RecommendRequest, RecommendResponse, Recommendation, Score,
@@ -69,12 +71,13 @@ _TOKEN = [Security(_require_token)]
 @serve.deployment(name="Api")  # max_ongoing_requests / max_queued_requests come from ServeConfig (app.py)
 @serve.ingress(fastapi_app)
 class Api:
-    def __init__(self, scorer, cfg_dict: dict, auth_token: Optional[str] = None):
+    def __init__(self, scorer, cfg_dict: dict, auth_token: Optional[str] = None, scorer_replicas: int = 1):
         self.scorer = scorer
         self.cfg: Config = config_from_dict(cfg_dict)
         self.auth_token = auth_token or None
         self.metrics = IngressMetrics(ROUTES)
         self.catalog = Catalog.read(Store.from_config(self.cfg.store), self.cfg)
+        self.admission = Admission(self.cfg.serve.max_pending_rows * scorer_replicas)
 
     def _deadline(self) -> float:
         return time.time() + self.cfg.serve.request_timeout_s
@@ -96,7 +99,13 @@ class Api:
             raise HTTPException(503, "the scorer is not available (starting or failed); retry later", retry) from None
 
     async def _score(self, item: ScoreItem) -> dict:
-        res = await self._ask(self.scorer.score.remote(item), item.deadline)
+        try:
+            with self.admission.hold(len(item.candidate_texts)):
+                res = await self._ask(self.scorer.score.remote(item), item.deadline)
+        except Overloaded as exc:
+            s = self.cfg.serve
+            raise HTTPException(503, f"the scorer is at capacity: {exc}; retry after {s.retry_after_s} s",
+                                {"Retry-After": str(s.retry_after_s)}) from None
         if "error" in res:
             status = res.get("status", 503)
             retry = {"Retry-After": str(self.cfg.serve.retry_after_s)} if status == 503 else None

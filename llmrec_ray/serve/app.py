@@ -55,7 +55,7 @@ def build_app(cfg: Config, pinned_version: Optional[str] = None, max_batch_size:
     cfg_dict = cfg.to_dict()
     scorer = Scorer.options(**_replica_options(cfg), user_config={"pinned_version": pinned_version}).bind(cfg_dict)
     token = os.environ.get(cfg.serve.auth_token_env) or None
-    return Api.options(**_api_options(cfg)).bind(scorer, cfg_dict, token)
+    return Api.options(**_api_options(cfg)).bind(scorer, cfg_dict, token, _scorer_replicas(cfg))
 
 
 def app_builder(args: dict) -> serve.Application:
