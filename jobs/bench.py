@@ -9,4 +9,4 @@ from llmrec_ray.cli import main
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    sys.exit(main(["run", *(args if "--rounds" in args else ["--rounds", "3", *args])]))
+    sys.exit(main(["-v", "run", *(args if "--rounds" in args else ["--rounds", "3", *args])]))  # -v: as jobs/round.py

@@ -6,14 +6,12 @@
 
 import sys
 
-from llmrec_ray.cli import main
+from llmrec_ray.cli import build_parser, config_from_args, main
 
 
 def _argv(args: list[str]) -> list[str]:
     if args and not args[0].startswith("-"):
         return ["data", "import", *args]
-    from llmrec_ray.cli import build_parser, config_from_args
-
     parsed = build_parser().parse_args(["round", *args])  # same --config/--set/--store options
     return ["data", "import", config_from_args(parsed).data.dataset, *args]
 

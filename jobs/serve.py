@@ -8,4 +8,4 @@ import sys
 from llmrec_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["serve", *sys.argv[1:]]))
+    sys.exit(main(["-v", "serve", *sys.argv[1:]]))  # -v: Ray's and the libraries' logs go to the job's log

@@ -12,6 +12,10 @@ import threading
 from typing import Callable, Optional
 
 from llmrec_ray.config import Config
+from llmrec_ray.ledger import Ledger
+from llmrec_ray.pipeline import LOST_RACE, run_round
+from llmrec_ray.registry import Registry
+from llmrec_ray.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +49,9 @@ def enough_new_data(num_new_shards: int, num_new_rows: int, cfg: Config) -> bool
     return num_new_shards >= cfg.continuous.min_new_shards and num_new_rows >= cfg.continuous.min_new_rows
 
 
-def run_continuous(cfg: Config, store, stop: Optional[StopFlag] = None,
+def run_continuous(cfg: Config, store: Store, stop: Optional[StopFlag] = None,
                    round_fn: Optional[Callable] = None) -> list:
     """Poll for new shards; run a round when thresholds are met. Returns the rounds' reports."""
-    from llmrec_ray.ledger import Ledger
-    from llmrec_ray.pipeline import LOST_RACE, run_round
-    from llmrec_ray.registry import Registry
-
     round_fn = round_fn or run_round
     stop = stop or StopFlag()
     stop.install()
@@ -67,8 +67,9 @@ def run_continuous(cfg: Config, store, stop: Optional[StopFlag] = None,
             print(f"continuous: {len(new)} new shards ({rows:,} rows) -> round {len(reports) + 1}")
             report = round_fn(cfg, store)
             reports.append(report)
+            print(f"continuous: round {len(reports)}: {report.summary()}")
             # a rejected or waiting round waits for more data; a lost promotion race retries at once from the winner
-            retry = getattr(report, "promoted", True) or getattr(report, "decision", None) == LOST_RACE
+            retry = report.promoted or report.decision == LOST_RACE
             rejected_at = None if retry else len(new)
             if cfg.continuous.max_rounds and len(reports) >= cfg.continuous.max_rounds:
                 break

@@ -4,9 +4,9 @@ Recipe: import MovieLens-100K into weekly shards (once) -> a first round from th
 incremental rounds, each evaluated, gated and promoted -> after every promotion, real HTTP scoring
 requests show the version change -> a per-round table and a PNG plot.
 
-The demo slice is sized for a 2-core machine (< 10 minutes): short texts (64 tokens, 5 history items)
+Its config is jobs/configs/demo.yaml, sized for a 2-core machine: short texts (64 tokens, 5 history items)
 and a cap on training and evaluation rows per round. Every value is a normal config key; pass
-`--set key=value` to change it.
+`--set key=value` to change one, or `--config FILE` for another file.
 """
 
 from __future__ import annotations
@@ -19,32 +19,16 @@ from typing import Optional
 
 import pandas as pd
 
-from llmrec_ray.config import Config, load_config
-
-DEMO_OVERRIDES = [
-    "model.backbone=minilm",
-    "model.max_seq_len=64",
-    "data.history_len=5",
-    "data.max_rows_per_round=400",
-    "eval.max_rows=400",
-    "eval.num_negatives=49",
-    # AUC on ~400 rows has a standard error of ~0.02-0.03: a tighter gate would reject on noise alone
-    "eval.gate_auc_tolerance=0.02",
-    "eval.max_forgetting=0.03",
-    "train.num_workers=2",
-    "train.batch_size_per_worker=16",
-    "train.eval_every_steps=10",
-    "train.patience=2",
-    "serve.poll_interval_s=1.0",
-]
-DEMO_ROUNDS = 2  # incremental rounds after the first
-
-
-def demo_config(args) -> Config:
-    overrides = list(DEMO_OVERRIDES) + list(args.overrides)
-    if args.store:
-        overrides.append(f"store.uri={args.store}")
-    return load_config(args.config, overrides)
+from llmrec_ray.config import Config
+from llmrec_ray.datasets.movielens import import_movielens
+from llmrec_ray.ledger import Ledger
+from llmrec_ray.pipeline import RoundReport, run_round
+from llmrec_ray.registry import Registry
+from llmrec_ray.report import write_report
+from llmrec_ray.runtime import ensure_ray
+from llmrec_ray.schema import CATALOG_KEY, load_catalog
+from llmrec_ray.serve import run_serve, stop_serve
+from llmrec_ray.store import Store
 
 
 def _get_json(url: str, body: dict | None = None, timeout_s: float = 30.0) -> dict:
@@ -70,18 +54,16 @@ def wait_for_version(base_url: str, version: str, timeout_s: float = 120.0) -> f
 def pick_user(store, after_shard: str, catalog, history_len: int) -> Optional[dict]:
     """A real user of the period after `after_shard` with a liked and a disliked movie in it: their history
     (every rating before that movie, most recent first) and the two movies with the ratings they gave."""
-    from llmrec_ray.ledger import Ledger, read_shard
-
     keys = [s.key for s in Ledger(store).shards()]
     later = [k for k in keys if k > after_shard]
     if not later:
         return None
-    week = read_shard(store, later[0]).to_pandas().sort_values("timestamp")
+    week = store.read_table(later[0]).to_pandas().sort_values("timestamp")
     for user, rows in week.groupby("user_id", sort=True):
         liked, disliked = rows[rows["label"] == 1], rows[rows["label"] == 0]
         if len(liked) and len(disliked) and liked.iloc[0]["item_id"] in catalog.index and disliked.iloc[0]["item_id"] in catalog.index:
             first = min(liked.iloc[0]["timestamp"], disliked.iloc[0]["timestamp"])
-            past = pd.concat([read_shard(store, k).to_pandas() for k in keys if k <= after_shard] + [rows])
+            past = pd.concat([store.read_table(k).to_pandas() for k in keys if k <= after_shard] + [rows])
             past = past[(past["user_id"] == user) & (past["timestamp"] < first)].sort_values("timestamp", ascending=False)
             history = [{"item_id": str(i), "rating": float(r)} for i, r in zip(past["item_id"], past["rating"])][:history_len]
             return {"user": str(user), "history": history, "liked": liked.iloc[0], "disliked": disliked.iloc[0]}
@@ -100,37 +82,25 @@ def sample_requests(base_url: str, catalog, pick: Optional[dict]) -> None:
     print(f"   user {pick['user']} next week ({len(pick['history'])} past ratings sent), model {out['model_version']}: {shown}")
 
 
-def run_demo(args, _cfg: Config | None = None) -> int:
-    from llmrec_ray.cli import ensure_ray
-    from llmrec_ray.datasets.movielens import import_movielens
-    from llmrec_ray.ingest import load_catalog
-    from llmrec_ray.pipeline import run_round
-    from llmrec_ray.registry import Registry
-    from llmrec_ray.report import write_report
-    from llmrec_ray.schema import CATALOG_KEY
-    from llmrec_ray.serve import run_serve, stop_serve
-    from llmrec_ray.store import Store
-
+def run_demo(cfg: Config, rounds: int, log_path: Optional[Path] = None, out_dir: str | Path = "out/demo") -> int:
+    """Import (once), 1 + `rounds` rounds with Serve up from the first promotion, then the report. log_path: see
+    runtime.ensure_ray."""
     started = time.time()
-    cfg = demo_config(args)
     store = Store.from_config(cfg.store)
     print(f"== llmrec demo: store {store.uri}")
     if not store.exists(CATALOG_KEY):
         rep = import_movielens(cfg, store)
         print(f"== imported MovieLens-100K: {rep.num_rows:,} ratings in {rep.num_shards} weekly shards ({rep.seconds:.1f} s)")
-    ensure_ray(cfg)
-    catalog = load_catalog(store)
-    registry = Registry(store)
+    ensure_ray(cfg, log_path)
+    catalog, registry = load_catalog(store), Registry(store)
     base_url = f"http://{cfg.serve.host}:{cfg.serve.port}"
-    serving = False
-    reports = []
-    rounds = args.rounds if args.rounds is not None else DEMO_ROUNDS
+    serving, reports = False, []
     try:
         for i in range(rounds + 1):
-            print(f"== round {i + 1}/{rounds + 1}")
-            report = run_round(cfg, store)
+            label = f"== round {i + 1}/{rounds + 1}"
+            report = run_round(cfg, store, progress=True, desc=label)
             reports.append(report)
-            print(f"   {report.summary()}")
+            print(f"{label}: {report.summary()}")
             promoted = registry.promoted_version()
             if promoted and not serving:
                 run_serve(cfg, blocking=False)
@@ -143,16 +113,19 @@ def run_demo(args, _cfg: Config | None = None) -> int:
             elif serving:
                 print(f"   the gate kept {promoted}: Serve goes on answering with it; the next round learns "
                       "this round's data together with the next week's")
-        out_dir = Path("out") / "demo"
-        paths = write_report(reports, out_dir)
-        print(Path(paths["markdown"]).read_text())
-        print(f"== done in {time.time() - started:.0f} s. Report: {paths['markdown']}  plot: {paths['plot']}")
-        print(f"== the store (shards, ledger, registry, checkpoints) is at {store.uri}")
-        print(f"== serve it again: llmrec serve --store {store.uri}   then:\n"
-              f"   curl -s {base_url}/v1/model\n"
-              f"   curl -s -XPOST {base_url}/v1/recommend -H 'Content-Type: application/json' "
-              "-d '{\"history\": [{\"item_id\": \"1\", \"rating\": 5}], \"pool\": \"all\", \"k\": 5}'")
+        _finish(reports, store, base_url, Path(out_dir), started)
     finally:
         if serving:
             stop_serve()
     return 0
+
+
+def _finish(reports: list[RoundReport], store: Store, base_url: str, out_dir: Path, started: float) -> None:
+    paths = write_report(reports, out_dir)
+    print(Path(paths["markdown"]).read_text())
+    print(f"== done in {time.time() - started:.0f} s. Report: {paths['markdown']}  plot: {paths['plot']}")
+    print(f"== the store (shards, ledger, registry, checkpoints) is at {store.uri}")
+    print(f"== serve it again: llmrec serve --store {store.uri}   then:\n"
+          f"   curl -s {base_url}/v1/model\n"
+          f"   curl -s -XPOST {base_url}/v1/recommend -H 'Content-Type: application/json' "
+          "-d '{\"history\": [{\"item_id\": \"1\", \"rating\": 5}], \"pool\": \"all\", \"k\": 5}'")

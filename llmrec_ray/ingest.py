@@ -13,19 +13,21 @@ per-user function in a Ray Data pipeline (read_parquet -> groupby(user_id).map_g
 
 from __future__ import annotations
 
-import io
 import json
 import zlib
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
+import ray
+from ray.data.context import DataContext, ShuffleStrategy
+from transformers import AutoTokenizer
 
 from llmrec_ray.collab import ItemVocab
 from llmrec_ray.config import Config, config_from_dict
-from llmrec_ray.schema import CATALOG_KEY
-from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_text
+from llmrec_ray.model import encode_inputs
+from llmrec_ray.schema import CATALOG_KEY, load_catalog
+from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_texts
 
 EXAMPLE_COLUMNS = ["user_id", "item_id", "timestamp", "label", "candidate_text", "history_text", "is_replay",
                    "history_ids", "history_ratings", "history_labels"]
@@ -36,18 +38,6 @@ EXAMPLE_DTYPES = {"user_id": str, "item_id": str, "timestamp": np.int64, "label"
 # model.collab.history_len items, for the collaborative part of the hybrid scorer (NaN rating = none).
 
 
-def load_catalog(store) -> pd.DataFrame:
-    if not store.exists(CATALOG_KEY):
-        raise ValueError(f"no catalogue at {store.key_uri(CATALOG_KEY)}; import data first (llmrec data import ...)")
-    return pq.read_table(io.BytesIO(store.read_bytes(CATALOG_KEY))).to_pandas().set_index("item_id")
-
-
-def item_texts(catalog: pd.DataFrame) -> dict[str, tuple[str, str]]:
-    """item_id -> (candidate text, short title for histories)."""
-    desc = catalog["description"] if "description" in catalog else pd.Series(None, index=catalog.index)
-    return {i: (item_text(t, g, d), t) for i, t, g, d in zip(catalog.index, catalog["title"], catalog["genres"], desc)}
-
-
 def _uniform(df: pd.DataFrame, salt: int) -> np.ndarray:
     """A deterministic number in [0, 1) per event: seeded sampling that Ray and pandas paths agree on."""
     keys = (df["user_id"].astype(str) + "|" + df["item_id"].astype(str) + "|" + df["timestamp"].astype(str)).astype(object)
@@ -56,7 +46,7 @@ def _uniform(df: pd.DataFrame, salt: int) -> np.ndarray:
 
 
 def _row_count(store, keys: Sequence[str]) -> int:
-    return sum(pq.read_metadata(io.BytesIO(store.read_bytes(k))).num_rows for k in keys) if keys else 0
+    return sum(store.num_rows(k) for k in keys)
 
 
 def sampling_rates(cfg: Config, store, target_keys, replay_keys, max_rows: Optional[int]) -> tuple[float, float]:
@@ -188,7 +178,7 @@ def negatives_for(cfg: Config, store, target_keys: Sequence[str]) -> int:
     if not cfg.data.negatives_per_positive:
         return 0
     for key in target_keys:
-        labels = pq.read_table(io.BytesIO(store.read_bytes(key)), columns=["label"]).column("label")
+        labels = store.read_table(key, columns=["label"]).column("label")
         if labels.null_count < len(labels) and min(labels.to_pylist()) == 0:
             return 0  # explicit negatives exist (ratings below the threshold, skipped impressions)
     return cfg.data.negatives_per_positive
@@ -197,7 +187,7 @@ def negatives_for(cfg: Config, store, target_keys: Sequence[str]) -> int:
 def _read_events(store, keys: Sequence[str]) -> pd.DataFrame:
     frames = []
     for key in keys:
-        df = pq.read_table(io.BytesIO(store.read_bytes(key))).to_pandas()
+        df = store.read_table(key).to_pandas()
         df["_path"] = store.fs_path(key)
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
@@ -221,9 +211,6 @@ def examples_frame(cfg: Config, store, target_keys: Sequence[str], history_keys:
 def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys: Sequence[str] = (),
                    replay_keys: Sequence[str] = (), max_rows: Optional[int] = None):
     """The Ray Data pipeline: read the shards, flag targets/replay, build examples per user."""
-    import ray
-    from ray.data.context import DataContext, ShuffleStrategy
-
     if not target_keys:
         raise ValueError("build_examples needs at least one target shard")
     catalog = load_catalog(store)
@@ -260,10 +247,6 @@ _INPUTS: dict[str, tuple[Config, Optional[ItemVocab]]] = {}  # run key -> (confi
 
 def _tokenize_batch(batch: pd.DataFrame, tokenizer_dir: str, cfg_dict: dict, inputs_key: str,
                     vocab_ids: Optional[list[str]]) -> dict:
-    from transformers import AutoTokenizer
-
-    from llmrec_ray.model import encode_inputs
-
     if tokenizer_dir not in _TOKENIZERS:  # once per Ray worker process
         _TOKENIZERS[tokenizer_dir] = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     if inputs_key not in _INPUTS:  # validating the config and indexing the vocab once, not per batch

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from llmrec_ray.schema import (CATALOG_KEY, INTERACTIONS_PREFIX, LEDGER_KEY, QUARANTINE_PREFIX, ShardProblem,
+from llmrec_ray.schema import (INTERACTIONS_PREFIX, LEDGER_KEY, QUARANTINE_PREFIX, ShardProblem, load_catalog,
                                period_of_key, validate_interactions)
 from llmrec_ray.store import ConflictError, Store
 
@@ -49,10 +49,6 @@ class ShardInfo:
     sha256: str | None = None  # of the shard's bytes, recorded when it was registered
 
 
-def read_shard(store: Store, key: str) -> pa.Table:
-    return pq.read_table(io.BytesIO(store.read_bytes(key)))
-
-
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -64,10 +60,6 @@ def check_shard_bytes(data: bytes, known_item_ids: set[str]) -> tuple[pa.Table |
     except (pa.ArrowInvalid, OSError) as exc:
         return None, [ShardProblem(f"unreadable Parquet: {exc}", 0)]
     return table, validate_interactions(table, known_item_ids)
-
-
-def check_shard(store: Store, key: str, known_item_ids: set[str]) -> tuple[pa.Table | None, list[ShardProblem]]:
-    return check_shard_bytes(store.read_bytes(key), known_item_ids)
 
 
 def drop_duplicate_rows(table: pa.Table) -> tuple[pa.Table, int]:
@@ -107,12 +99,6 @@ class Ledger:
         got = self.store.read_json(LEDGER_KEY)
         return (got.value or {"shards": {}, "quarantined": {}}), got.etag
 
-    def known_item_ids(self) -> set[str]:
-        if not self.store.exists(CATALOG_KEY):
-            raise ValueError(f"no catalogue at {self.store.key_uri(CATALOG_KEY)}; import data first (llmrec data import ...)")
-        table = pq.read_table(io.BytesIO(self.store.read_bytes(CATALOG_KEY)), columns=["item_id"])
-        return set(table.column("item_id").to_pylist())
-
     # --- refresh: register, verify, quarantine ---------------------------------------------------
     def refresh(self) -> list[dict]:
         """Bring the ledger in line with interactions/: register new shards, quarantine bad, duplicate and
@@ -144,7 +130,7 @@ class Ledger:
             if entry is not None and entry.get("object_version") != version:
                 reports.extend(self._verify(state, key, version))  # may quarantine it: it is then no longer listed
         if unseen:
-            item_ids, known = self.known_item_ids(), self._known_hashes(state)
+            item_ids, known = set(load_catalog(self.store, ["item_id"]).index), self._known_hashes(state)
             for key in unseen:
                 reports.extend(self._register(state, key, listing[key], item_ids, known))
         return reports

@@ -6,6 +6,10 @@ import json
 import math
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from llmrec_ray.schema import period_of_key
+
 
 def _get(m: dict, *path, default=float("nan")):
     for p in path:
@@ -20,7 +24,7 @@ def rows(reports) -> list[dict]:
     for i, r in enumerate(reports, 1):
         m = r.metrics
         out.append({
-            "round": i, "shards": ",".join(s.split("=")[1][:10] for s in r.round_shards) or "-",
+            "round": i, "shards": ",".join(period_of_key(s) for s in r.round_shards) or "-",
             "rows": r.num_train_rows, "train_s": round(r.train_seconds), "round_s": round(r.round_seconds),
             "auc_prequential": _get(m, "prequential", "auc"),
             "auc_candidate": _get(m, "next", "candidate", "auc"), "auc_promoted": _get(m, "next", "promoted", "auc"),
@@ -55,12 +59,8 @@ def write_report(reports, out_dir) -> dict:
 
 
 def _plot(table: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))  # no pyplot: no global backend or figure state
+    ax = fig.subplots()
     x = [r["round"] for r in table]
     for key, label in (("auc_candidate", "candidate (next period)"), ("auc_promoted", "frozen previous model"),
                        ("auc_prequential", "promoted, prequential"), ("auc_popularity", "popularity"), ("auc_mf", "biased MF"),
@@ -74,4 +74,3 @@ def _plot(table: list[dict], path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -18,12 +18,14 @@ import time
 import uuid
 from pathlib import Path
 
+import boto3
 import pytest
+import ray
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from llmrec_ray.config import StoreConfig
+from llmrec_ray.runtime import configure_environment, start_local_ray
+
+configure_environment()  # before any test module imports Ray or Hugging Face: the offline, loopback-only local Ray
 
 S3_ACCESS_KEY = "llmrec-test"
 S3_SECRET_KEY = "llmrec-test-secret"
@@ -73,8 +75,6 @@ def s3_server(tmp_path_factory):
     log = open(d / "weed.out", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{s3}"
-    import boto3
-
     client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_ACCESS_KEY,
                           aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1")
     deadline = time.time() + 60
@@ -100,8 +100,6 @@ def s3_server(tmp_path_factory):
 
 def make_store_cfg(kind: str, tmp_path: Path, s3_server: dict | None = None):
     """A StoreConfig for a fresh, empty store of `kind` ("file" or "s3")."""
-    from llmrec_ray.config import StoreConfig
-
     if kind == "file":
         return StoreConfig(uri=f"file://{tmp_path / 'store'}")
     bucket = f"t-{uuid.uuid4().hex[:12]}"
@@ -120,10 +118,6 @@ def store_cfg(request, tmp_path):
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One local Ray for the whole test session: logical CPUs beyond the train workers and Serve replicas, or Ray Data starves."""
-    import ray
-
-    from llmrec_ray.cli import start_local_ray
-
     temp_dir = tempfile.mkdtemp(prefix="llmrec-ray-", dir="/tmp")  # short path: Ray's socket names are length-limited
     start_local_ray(num_cpus=8, _temp_dir=temp_dir, log_to_driver=False)  # as `llmrec` does: loopback only, same env
     yield ray

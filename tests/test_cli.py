@@ -1,16 +1,49 @@
+import logging
 import subprocess
 import sys
 import time
 
 import pytest
 
+from llmrec_ray import cli, commands
 from llmrec_ray.cli import build_parser, config_from_args, main
+from llmrec_ray.runtime import quiet_output
+from llmrec_ray.store import Store
+from tests.conftest import free_port, make_store_cfg
 
 
 def test_overrides_and_store_shorthand(tmp_path):
     args = build_parser().parse_args(["round", "--store", str(tmp_path), "--set", "train.num_workers=3"])
     cfg = config_from_args(args)
     assert cfg.store.uri == f"file://{tmp_path}" and cfg.train.num_workers == 3  # local paths are made absolute
+
+
+def test_demo_reads_its_config_file(tmp_path):
+    cfg = config_from_args(build_parser().parse_args(["demo", "--store", str(tmp_path)]))
+    assert cfg.model.max_seq_len == 64 and cfg.eval.gate_auc_tolerance == 0.02 and cfg.data.max_rows_per_round == 400
+    other = build_parser().parse_args(["demo", "--config", str(cli.DEMO_CONFIG.parent / "tiny-synth.yaml")])
+    assert config_from_args(other).model.backbone == "tiny" and other.rounds == 2
+
+
+def test_quiet_output_keeps_our_lines_and_sends_the_rest_to_the_log(tmp_path, capsys):
+    log = tmp_path / "logs" / "round.log"
+    with quiet_output(log):
+        print("nothing but our own line")
+    assert not log.exists()  # nothing for the log: no file
+    library = logging.getLogger("test-quiet-library")
+    library.addHandler(logging.StreamHandler(sys.stderr))  # bound to the terminal before quiet_output, as Ray's are
+    library.propagate = False
+    with quiet_output(log):
+        print("round 1/3: promote v0001")
+        print("\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: ...")
+        print("(RayTrainWorker pid=12) step 3")
+        library.warning("a library's warning")
+        print("a library's progress bar", file=sys.stderr)
+    library.warning("after")  # its handler is back on the terminal
+    out = capsys.readouterr()
+    assert out.out == "nothing but our own line\nround 1/3: promote v0001\n" and out.err == "after\n"
+    assert log.read_text().splitlines()[1:] == ["(RayTrainWorker pid=12) step 3", "a library's warning",
+                                                "a library's progress bar"]
 
 
 def test_bad_config_key_is_a_clear_error(capsys):
@@ -47,10 +80,8 @@ def test_train_init_from_is_checked(tmp_path, capsys):
 @pytest.fixture
 def no_ray(monkeypatch):
     """Records every attempt to start (or attach to) Ray; a command under test must fail before one."""
-    from llmrec_ray import cli
-
     calls = []
-    monkeypatch.setattr(cli, "ensure_ray", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(commands, "ensure_ray", lambda cfg, log_path=None: calls.append(cfg))
     return calls
 
 
@@ -75,8 +106,6 @@ S3_CASES = {  # name: (store overrides, words the message must hold)
 @pytest.mark.parametrize("case", sorted(S3_CASES))
 @pytest.mark.parametrize("command", [["round"], ["data", "import", "movielens"]])
 def test_s3_errors_are_one_line(case, command, s3_server, tmp_path, no_ray, capsys):
-    from tests.conftest import free_port, make_store_cfg
-
     good = make_store_cfg("s3", tmp_path, s3_server)
     bucket = good.uri.split("/")[2]
     store = {"endpoint_url": good.endpoint_url, "access_key_id": good.access_key_id,
@@ -97,9 +126,6 @@ def test_s3_errors_are_one_line(case, command, s3_server, tmp_path, no_ray, caps
 @pytest.mark.s3
 def test_s3_errors_through_pyarrow_are_explained(s3_server, tmp_path):
     """Ray Data and the store's listings go through pyarrow, whose errors read differently from boto3's."""
-    from llmrec_ray.store import Store
-    from tests.conftest import make_store_cfg
-
     cfg = make_store_cfg("s3", tmp_path, s3_server).model_copy(update={"secret_access_key": "not-the-secret"})
     store = Store.from_config(cfg)
     with pytest.raises(OSError) as exc:
@@ -137,8 +163,6 @@ def test_missing_store_fails_before_ray(argv, tmp_path, no_ray, capsys):
 
 
 def test_missing_s3_store_fails_before_ray(s3_server, tmp_path, no_ray, capsys):
-    from tests.conftest import make_store_cfg
-
     cfg = make_store_cfg("s3", tmp_path, s3_server)  # the bucket exists, the prefix holds nothing
     assert main(["round", "--store", cfg.uri, "--set", f"store.endpoint_url={cfg.endpoint_url}",
                  "--set", f"store.access_key_id={cfg.access_key_id}",
@@ -169,8 +193,6 @@ def test_verbose_adds_the_traceback(argv, tmp_path, capsys):
 
 
 def test_unexpected_errors_are_one_line_too(tmp_path, monkeypatch, capsys):
-    from llmrec_ray import cli
-
     def broken(args, cfg):
         raise KeyError("boom")
 

@@ -42,12 +42,9 @@ def test_rejected_round_waits_for_more_data(tmp_path):
     cfg.continuous.poll_interval_s = 0.1
     calls = []
 
-    class Rejected:
-        promoted = False
-
     def round_fn(c, s):
         calls.append(1)
-        return Rejected()
+        return pipeline.RoundReport(decision="reject")
 
     stop = StopFlag()
     timer = threading.Timer(1.0, stop.set)
@@ -62,12 +59,9 @@ def test_round_that_lost_the_promotion_race_is_retried_at_once(tmp_path):
     cfg.continuous.max_rounds = 2
     calls = []
 
-    class LostRace:
-        promoted, decision = False, pipeline.LOST_RACE
-
     def round_fn(c, s):
         calls.append(1)
-        return LostRace()
+        return pipeline.RoundReport(decision=pipeline.LOST_RACE)
 
     stop = StopFlag()
     timer = threading.Timer(5.0, stop.set)  # a safety net: without a retry the loop would wait for new data

@@ -10,13 +10,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llmrec_ray import ingest
+from llmrec_ray import ingest, judge, pipeline
 from llmrec_ray.config import load_config
 from llmrec_ray.datasets.movielens import import_movielens
 from llmrec_ray.datasets.synth import generate_events, generate_synth
-from llmrec_ray.ledger import Ledger, read_shard
+from llmrec_ray.ledger import Ledger
+from llmrec_ray.model import model_source
 from llmrec_ray.schema import INTERACTION_SCHEMA, validate_interactions
 from llmrec_ray.store import ConflictError, Store
+from tests.test_pipeline import _store, fake_train
 
 SMALL_SYNTH = ["synth.num_users=60", "synth.num_items=40", "synth.num_events=3000", "synth.num_periods=4",
                "synth.new_items_per_period=5", "data.history_len=3"]
@@ -33,7 +35,7 @@ def test_movielens_import_weekly_shards(store_cfg):
     assert ledger.refresh() == []  # nothing quarantined
     shards = ledger.shards()
     assert sum(s.num_rows for s in shards) == 100_000  # no row dropped
-    first = read_shard(store, shards[0].key)
+    first = store.read_table(shards[0].key)
     assert first.schema.equals(INTERACTION_SCHEMA)
     ts = first.column("timestamp").to_numpy()
     assert ts.max() - ts.min() < 7 * 86400  # one week per shard
@@ -60,7 +62,7 @@ def test_corrupt_and_bad_shards_are_quarantined_rest_carries_on(store_cfg):
     generate_synth(cfg, store, progress=False)
     good = store.list("interactions")
     store.write_bytes("interactions/period=2030-01-07/part-00000.parquet", b"not parquet at all")
-    bad = read_shard(store, good[0]).to_pandas()
+    bad = store.read_table(good[0]).to_pandas()
     bad.loc[:4, "item_id"] = "no-such-item"
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(bad, schema=INTERACTION_SCHEMA, preserve_index=False), buf)
@@ -97,7 +99,7 @@ def test_copies_are_not_learned_again_and_duplicate_rows_are_dropped(store_cfg):
     store.write_bytes(copy_of_consumed, store.read_bytes(keys[0]))
     store.write_bytes(copy_of_new, store.read_bytes(keys[1]))
     # new events (a later week), every row twice
-    events = read_shard(store, keys[2]).to_pandas()
+    events = store.read_table(keys[2]).to_pandas()
     events["timestamp"] += 100 * 7 * 86400
     doubled = "interactions/period=2099-01-19/part-00000.parquet"
     store.write_bytes(doubled, _parquet(pd.concat([events, events])))
@@ -113,7 +115,7 @@ def test_copies_are_not_learned_again_and_duplicate_rows_are_dropped(store_cfg):
     assert dedup["duplicate_rows_dropped"] == dedup["problems"][0]["bad_rows"] == len(events)
     unique_key = dedup["registered_as"]
     assert [s.key for s in ledger.new_shards({"v0001"})] == keys[1:] + [unique_key]  # no copy is new
-    unique = read_shard(store, unique_key).to_pandas()
+    unique = store.read_table(unique_key).to_pandas()
     assert len(unique) == len(events) and not unique.duplicated().any()
     frame = ingest.examples_frame(cfg, store, [unique_key], history_keys=keys)
     assert len(frame) == len(events)  # one training example per event, not two
@@ -165,10 +167,7 @@ def test_ledger_written_before_hashing_gets_hashes(tmp_path):
 
 
 def test_rounds_go_on_past_a_garbage_shard_and_skip_a_copy(tmp_path, monkeypatch):
-    from llmrec_ray import pipeline
-    from tests.test_pipeline import _store, fake_train
-
-    monkeypatch.setattr(pipeline, "gate", lambda cfg, cand, prev, forgetting: (True, "test: approve"))
+    monkeypatch.setattr(judge, "gate", lambda cfg, cand, prev, forgetting: (True, "test: approve"))
     cfg, store = _store("file", tmp_path)
     keys = store.list("interactions")
     first = pipeline.run_round(cfg, store, train_fn=fake_train)
@@ -232,10 +231,10 @@ def test_examples_have_no_future_leakage(tmp_path):
     ledger.refresh()
     keys = [s.key for s in ledger.shards()]
     frame = ingest.examples_frame(cfg, store, [keys[2]], history_keys=keys[:2], replay_keys=keys[:2])
-    target = read_shard(store, keys[2]).to_pandas()
+    target = store.read_table(keys[2]).to_pandas()
     assert (~frame["is_replay"]).sum() == len(target)  # every new row became an example
     assert frame["is_replay"].sum() > 0
-    events = pd.concat([read_shard(store, k).to_pandas() for k in keys[:3]])
+    events = pd.concat([store.read_table(k).to_pandas() for k in keys[:3]])
     titles = ingest.load_catalog(store)["title"]
     for row in frame.sample(200, random_state=0).itertuples():
         past = events[(events.user_id == row.user_id) & (events.timestamp < row.timestamp)].sort_values("timestamp")
@@ -249,7 +248,7 @@ def test_positive_only_data_gets_sampled_negatives(tmp_path):
     store = Store.from_config(cfg.store)
     generate_synth(cfg, store, progress=False)
     keys = store.list("interactions")
-    clicks = read_shard(store, keys[1]).to_pandas()
+    clicks = store.read_table(keys[1]).to_pandas()
     clicks = clicks[clicks.label == 1]
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pandas(clicks, schema=INTERACTION_SCHEMA, preserve_index=False), buf)
@@ -259,8 +258,6 @@ def test_positive_only_data_gets_sampled_negatives(tmp_path):
 
 
 def test_first_movielens_week_through_ray_data(ray_session, tmp_path):
-    from llmrec_ray.model import model_source
-
     cfg = load_config(None, [f"store.uri={tmp_path}", "model.backbone=tiny", "model.max_seq_len=32"])
     store = Store.from_config(cfg.store)
     import_movielens(cfg, store, progress=False)

@@ -6,35 +6,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from llmrec_ray.runtime import configure_environment
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head on free ports, shared by this module's tests; yields a JobSubmissionClient."""
     tmp_path = tmp_path_factory.mktemp("rayhead")
-    port, dash, agent = _free_port(), _free_port(), _free_port()
-    from llmrec_ray.cli import LOCAL_RAY_ENV
-
-    env = {**os.environ, **LOCAL_RAY_ENV,  # a single-node head on loopback only, like cluster/local.yaml's
-           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
-           # The entrypoint's `python` must be this venv's (as with an activated venv or the cluster image).
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    port, dash, agent = free_port(), free_port(), free_port()
+    # The entrypoint's `python` must be this venv's (as with an activated venv or the cluster image).
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    configure_environment(environ=env)  # a single-node head on loopback only, offline, like cluster/local.yaml's
     previous_auth = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"  # the client must agree with the head
     temp_dir = Path("/tmp") / f"rayj{os.getpid()}{port}"  # short: Ray's socket paths have a length limit
@@ -47,8 +41,6 @@ def ray_head(tmp_path_factory):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        from ray.job_submission import JobSubmissionClient
-
         deadline = time.time() + 120
         while True:
             try:
@@ -89,8 +81,6 @@ def _submit(client, entrypoint: str) -> str:
 
 
 def _wait(client, job_id, timeout_s: float):
-    from ray.job_submission import JobStatus
-
     deadline = time.time() + timeout_s
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         assert time.time() < deadline, f"job did not finish in {timeout_s} s:\n" + client.get_job_logs(job_id)[-4000:]
@@ -99,8 +89,6 @@ def _wait(client, job_id, timeout_s: float):
 
 
 def test_import_job_writes_shards(ray_head, tmp_path):
-    from ray.job_submission import JobStatus
-
     store = tmp_path / "store"
     job_id = _submit(ray_head, f"python jobs/import_data.py --config jobs/configs/tiny-synth.yaml --set store.uri=file://{store}")
     status, logs = _wait(ray_head, job_id, 300)
@@ -109,8 +97,6 @@ def test_import_job_writes_shards(ray_head, tmp_path):
 
 
 def test_round_job_promotes_a_model(ray_head, tmp_path):
-    from ray.job_submission import JobStatus
-
     store = tmp_path / "store"
     args = f"--config jobs/configs/tiny-synth.yaml --set store.uri=file://{store}"
     job_id = _submit(ray_head, f"python jobs/import_data.py synth {args} && python jobs/round.py {args}")

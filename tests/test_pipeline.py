@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from llmrec_ray import pipeline
+from llmrec_ray import commands, judge, pipeline
+from llmrec_ray.cli import main
 from llmrec_ray.config import load_config
 from llmrec_ray.datasets.synth import generate_synth
 from llmrec_ray.ledger import Ledger
 from llmrec_ray.model import build_model, save_export
 from llmrec_ray.registry import Registry
+from llmrec_ray.report import write_report
 from llmrec_ray.store import Store
 from llmrec_ray.train import TrainResult
 from tests.conftest import make_store_cfg
@@ -33,7 +35,7 @@ def fake_train(cfg, store, targets, older, replay, init_uri, run_name):
 
 @pytest.fixture
 def approve_all(monkeypatch):
-    monkeypatch.setattr(pipeline, "gate", lambda cfg, cand, prev, forgetting: (True, "test: approve"))
+    monkeypatch.setattr(judge, "gate", lambda cfg, cand, prev, forgetting: (True, "test: approve"))
 
 
 def _store(kind, tmp_path, s3_server=None):
@@ -53,13 +55,13 @@ def _end_state(store):
 
 def test_gate_rules():
     cfg = load_config(None, ["eval.gate_auc_tolerance=0.01", "eval.max_forgetting=0.02"])
-    assert pipeline.gate(cfg, {"auc": 0.70, "logloss": 0.6}, {"auc": 0.705}, 0.0)[0]
-    ok, why = pipeline.gate(cfg, {"auc": 0.68, "logloss": 0.6}, {"auc": 0.70}, 0.0)
+    assert judge.gate(cfg, {"auc": 0.70, "logloss": 0.6}, {"auc": 0.705}, 0.0)[0]
+    ok, why = judge.gate(cfg, {"auc": 0.68, "logloss": 0.6}, {"auc": 0.70}, 0.0)
     assert not ok and "tolerance" in why
-    ok, why = pipeline.gate(cfg, {"auc": 0.72, "logloss": 0.6}, {"auc": 0.70}, 0.05)
+    ok, why = judge.gate(cfg, {"auc": 0.72, "logloss": 0.6}, {"auc": 0.70}, 0.05)
     assert not ok and "forgetting" in why
-    assert not pipeline.gate(cfg, {"auc": float("nan"), "logloss": 0.6}, None, None)[0]
-    assert not pipeline.gate(cfg, {"auc": 0.45, "logloss": 0.7}, None, None)[0]
+    assert not judge.gate(cfg, {"auc": float("nan"), "logloss": 0.6}, None, None)[0]
+    assert not judge.gate(cfg, {"auc": 0.45, "logloss": 0.7}, None, None)[0]
 
 
 @pytest.mark.parametrize("fail_at", pipeline.FAIL_POINTS)
@@ -69,14 +71,14 @@ def test_crash_then_rerun_reaches_the_clean_end_state(fail_at, tmp_path, approve
     assert first.promoted and first.round_shards == clean.list("interactions")[:2]
     second = pipeline.run_round(cfg, clean, train_fn=fake_train)
     assert second.promoted and second.parent == first.version
-    assert list(second.stage_seconds) == ["prepare", "prequential", "train", "evaluate", "register", "commit"]
+    assert list(second.stage_seconds) == list(pipeline.STEPS)
     assert sum(second.stage_seconds.values()) <= second.round_seconds + 1e-6
     cfg2, crashed = _store("file", tmp_path / "crashed")
     pipeline.run_round(cfg2, crashed, train_fn=fake_train)
     with pytest.raises(pipeline.InjectedFailure):
         pipeline.run_round(cfg2, crashed, fail_at=fail_at, train_fn=fake_train)
     rerun = pipeline.run_round(cfg2, crashed, train_fn=fake_train)
-    if fail_at == "after_promote":  # the promotion had happened: the rerun only reconciles the ledger...
+    if fail_at == "promote":  # the promotion had happened: the rerun only reconciles the ledger...
         assert rerun.round_shards == clean.list("interactions")[3:4]  # ...and moves on to the next shard
         pipeline.run_round(cfg, clean, train_fn=fake_train)
     consumed_clean, history_clean = _end_state(clean)
@@ -87,12 +89,10 @@ def test_crash_then_rerun_reaches_the_clean_end_state(fail_at, tmp_path, approve
 
 
 def test_round_on_s3_crash_after_promote_and_models_commands(tmp_path, s3_server, approve_all, capsys):
-    from llmrec_ray.cli import main
-
     cfg, store = _store("s3", tmp_path, s3_server)
     pipeline.run_round(cfg, store, train_fn=fake_train)
     with pytest.raises(pipeline.InjectedFailure):
-        pipeline.run_round(cfg, store, fail_at="after_promote", train_fn=fake_train)
+        pipeline.run_round(cfg, store, fail_at="promote", train_fn=fake_train)
     ledger = Ledger(store)
     assert [s.consumed_by for s in ledger.shards()][2] == []  # promoted, ledger not yet committed
     report = pipeline.run_round(cfg, store, train_fn=fake_train)
@@ -115,8 +115,6 @@ def test_round_on_s3_crash_after_promote_and_models_commands(tmp_path, s3_server
 
 
 def test_report_table_and_plot(tmp_path, approve_all):
-    from llmrec_ray.report import write_report
-
     cfg, store = _store("file", tmp_path)
     reports = [pipeline.run_round(cfg, store, train_fn=fake_train) for _ in range(2)]
     assert "auc" in json.dumps(reports[1].metrics)
@@ -133,7 +131,7 @@ def test_rejected_shards_are_learned_with_the_next_ones_not_retrained_alone(tmp_
         trained.append(list(targets))
         return fake_train(cfg, store, targets, *args)
 
-    monkeypatch.setattr(pipeline, "gate", lambda cfg, cand, prev, forgetting: (decisions.pop(0), "test"))
+    monkeypatch.setattr(judge, "gate", lambda cfg, cand, prev, forgetting: (decisions.pop(0), "test"))
     cfg, store = _store("file", tmp_path)
     s = store.list("interactions")
     decisions[:] = [True, False, False]
@@ -171,8 +169,6 @@ Ledger(store).commit(shards, version, registry.lineage(version))
 
 
 def test_round_that_loses_the_promotion_race_commits_nothing(tmp_path, approve_all, monkeypatch, capsys):
-    from llmrec_ray import cli
-
     cfg, store = _store("file", tmp_path)
     parent = pipeline.run_round(cfg, store, train_fn=fake_train).version
 
@@ -195,9 +191,9 @@ def test_round_that_loses_the_promotion_race_commits_nothing(tmp_path, approve_a
     assert new and not set(new) & set(report.round_shards)  # the next round starts from the winner, after its shards
 
     # `llmrec round` (and jobs/round.py) reports the lost race in one line and exits non-zero
-    monkeypatch.setattr(cli, "ensure_ray", lambda cfg: None)
-    monkeypatch.setattr(pipeline, "run_round", lambda cfg, store: report)
+    monkeypatch.setattr(commands, "ensure_ray", lambda cfg, log_path=None: None)
+    monkeypatch.setattr(pipeline, "run_round", lambda cfg, store, **kwargs: report)
     capsys.readouterr()
-    assert cli.main(["round", "--set", f"store.uri={store.uri}"]) == 3
+    assert main(["round", "--set", f"store.uri={store.uri}"]) == 3
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lost the promotion race" in err and winner in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import sys
 import time
 from dataclasses import dataclass
 
@@ -45,7 +46,8 @@ def write_dataset(store, catalog: pd.DataFrame, events: pd.DataFrame, period_day
     events = events.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
     events["_period"] = period_start(events["timestamp"], period_days)
     groups = list(events.groupby("_period", sort=True))
-    for start_day, part in tqdm(groups, desc=desc, unit="shard", disable=not progress):
+    # stdout, like our own lines: stderr may be a log file (llmrec_ray.runtime.quiet_output)
+    for start_day, part in tqdm(groups, desc=desc, unit="shard", disable=not progress, file=sys.stdout):
         write_shard(store, part, int(start_day))
     return ImportReport(len(events), len(groups), len(catalog), time.time() - started)
 
