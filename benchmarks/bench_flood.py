@@ -35,13 +35,16 @@ from test_serve import _promote, _write_catalog, _write_export  # noqa: E402
 
 
 def serve_processes() -> dict[int, str]:
-    """pid -> role for the Serve actors of this machine (replicas and the HTTP proxy)."""
+    """pid -> role for the Serve actors of this benchmark's own Ray (its processes descend from this one)."""
     out = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except psutil.Error:
+            continue
         for role in ("ServeReplica:llmrec:Scorer", "ServeReplica:llmrec:Api", "ProxyActor"):
             if role in cmd:
-                out[p.info["pid"]] = role
+                out[p.pid] = role
     return out
 
 

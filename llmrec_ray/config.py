@@ -156,8 +156,9 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(64, ge=1)  # per Scorer replica: requests in its batches at once (>= max_batch_size)
     max_queued_requests: int = Field(128, ge=1)  # per caller, waiting for a replica beyond those; more get 503 + Retry-After
     # candidate rows accepted and not yet answered, per Scorer replica; more: 503 at once (serve/admission.py).
-    # 4,096 = about 40-60 s of MiniLM at 64 tokens on one CPU (benchmarks/bench_flood.py).
-    max_pending_rows: int = Field(4096, ge=1)
+    # 1,024 = about 11 s of MiniLM at 64 tokens on one CPU: what a 1-candidate request waits behind at worst
+    # (4,096 measured 24-46 s; benchmarks/bench_flood.py).
+    max_pending_rows: int = Field(1024, ge=1)
     retry_after_s: int = Field(1, ge=0)  # the Retry-After header (seconds) on 503 answers
     request_timeout_s: float = Field(120.0, gt=0.0)  # per-request deadline (queue + scoring); past it: 504, its rows skipped
     quantize: Literal["none", "int8"] = "none"  # int8: dynamic int8 Linear layers in the text part (CPU; benchmarks/bench_inference.py)
