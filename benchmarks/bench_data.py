@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmrec_ray.cli import ensure_ray
+from llmrec_ray.runtime import ensure_ray
 from llmrec_ray.config import load_config
 from llmrec_ray.datasets.movielens import import_movielens
 from llmrec_ray.datasets.synth import generate_synth

@@ -4,7 +4,7 @@ model that learned it (issue #6 target: <= 10 minutes with MiniLM on this machin
     .venv/bin/python benchmarks/bench_freshness.py [--landings 2] [--work out/freshness]
 
 Recipe: the first 4 weekly shards of MovieLens-100K go into a fresh store, a first round (the demo's
-config, DEMO_OVERRIDES: MiniLM, 64 tokens, capped rows per round) promotes a model, and Serve comes up on it.
+config, jobs/configs/demo.yaml: MiniLM, 64 tokens, capped rows per round) promotes a model, and Serve comes up on it.
 Then continuous mode runs in a background thread (store poll continuous.poll_interval_s, Serve pointer
 poll serve.poll_interval_s) and the following weeks land one shard at a time. For each landing the
 script polls GET /v1/model until it names a new version and records the seconds since the landing; a
@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from llmrec_ray.demo import DEMO_OVERRIDES, _get_json, wait_for_version
+from llmrec_ray.cli import DEMO_CONFIG
+from llmrec_ray.demo import _get_json, wait_for_version
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=1200.0, help="per landing")
     args = p.parse_args()
 
-    from llmrec_ray.cli import ensure_ray
+    from llmrec_ray.runtime import ensure_ray
     from llmrec_ray.config import load_config
     from llmrec_ray.continuous import StopFlag, run_continuous
     from llmrec_ray.datasets import period_start, write_dataset, write_shard
@@ -42,8 +43,8 @@ def main() -> None:
 
     work = Path(args.work).resolve()
     shutil.rmtree(work / "store", ignore_errors=True)
-    overrides = [*DEMO_OVERRIDES, f"store.uri={work / 'store'}", f"serve.port={args.port}", "continuous.poll_interval_s=5"]
-    cfg = load_config(None, overrides)
+    overrides = [f"store.uri={work / 'store'}", f"serve.port={args.port}", "continuous.poll_interval_s=5"]
+    cfg = load_config(DEMO_CONFIG, overrides)
     store = Store.from_config(cfg.store)
     catalog, events = load_movielens(cfg.data.like_threshold)
     events = events.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)

@@ -10,7 +10,6 @@ Each request scores ONE (history, candidate) pair, so server-side batching is wh
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -25,11 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port  # noqa: E402 - tests/ holds the fixture helpers this benchmark reuses
 
 
 def pct(xs):
@@ -39,9 +34,10 @@ def pct(xs):
 
 def raw_forward(cfg, batch_sizes, seconds):
     """Tokenise + forward of the hybrid scorer (text part + tables over 1,682 ids) outside Serve, 1 thread."""
-    from llmrec_ray.collab import CollabNet, ItemVocab
+    from llmrec_ray.collab import CollabNet
+    from llmrec_ray.ids import ItemVocab
     from llmrec_ray.model import HybridScorer, build_model
-    from llmrec_ray.serve import Loaded, ScoreItem, _encode, _forward
+    from llmrec_ray.serve import Loaded, ScoreItem, encode_item, forward
 
     import torch
 
@@ -54,10 +50,10 @@ def raw_forward(cfg, batch_sizes, seconds):
         item = ScoreItem(["Toy Story (1995) | Animation, Comedy"] * bs,
                          "Heat (1995) rated 5 ; Jumanji (1995) rated 2 ; Casino (1995) rated 4",
                          ids[:bs], ["6", "2", "17"], [5.0, 2.0, 4.0])
-        _forward(state, [_encode(state, item)])
+        forward(state, [encode_item(state, item)])
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            _forward(state, [_encode(state, item)])
+            forward(state, [encode_item(state, item)])
             n += bs
         out[bs] = n / (time.perf_counter() - t0)
     best = max(out, key=out.get)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec_ray.cli import ensure_ray
+from llmrec_ray.runtime import ensure_ray
 from llmrec_ray.config import load_config
 from llmrec_ray.model import build_model, model_source
 from llmrec_ray.store import Store

@@ -71,9 +71,9 @@ def prepare(cfg: Config, store, work: Path) -> tuple[list[str], pd.DataFrame, pd
     else:
         examples = examples_frame(cfg, store, keys)  # every event is a target; histories strictly earlier
         examples.to_pickle(cache)
-    from llmrec_ray.pipeline import _events
+    from llmrec_ray.judge import events
 
-    return keys, _events(store, keys), examples
+    return keys, events(store, keys), examples
 
 
 def week_bounds(keys: list[str], weeks: int) -> list[tuple[str, int]]:
@@ -225,7 +225,7 @@ class State:
 
 
 def run(args) -> dict:
-    from llmrec_ray.cli import ensure_ray
+    from llmrec_ray.runtime import ensure_ray
     from llmrec_ray.ingest import item_texts, load_catalog
     from llmrec_ray.store import Store
 

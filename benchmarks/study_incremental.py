@@ -98,7 +98,7 @@ def evaluate_week(cfg, store, state: State, week: str, keys: list[str], names: d
     from llmrec_ray.baselines import BiasedMF, Popularity
     from llmrec_ray.evaluate import baseline_scorer, evaluate_all, model_scorer
     from llmrec_ray.ingest import examples_frame, item_texts, load_catalog
-    from llmrec_ray.pipeline import _events as pipeline_events
+    from llmrec_ray.judge import events as pipeline_events
 
     before = keys[:keys.index(week)]
     frame = examples_frame(cfg, store, [week], history_keys=before)
@@ -171,7 +171,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     overrides = [*STUDY_OVERRIDES, *args.overrides, f"store.uri={work / 'store'}"]
     cfg = load_config(None, overrides)
-    from llmrec_ray.cli import ensure_ray
+    from llmrec_ray.runtime import ensure_ray
     from llmrec_ray.ingest import _row_count
     from llmrec_ray.ledger import Ledger
     from llmrec_ray.store import Store
