@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -81,17 +82,23 @@ class RoundReport:
 
 class _Steps:
     """The round's step hook: times each step into report.stage_seconds, shows the running step on a progress bar
-    (progress=True), and raises InjectedFailure after the step named by fail_at."""
+    (progress=True, on a terminal), and raises InjectedFailure after the step named by fail_at."""
 
     def __init__(self, report: RoundReport, fail_at: Optional[str], progress: bool, desc: str = "round"):
         if fail_at is not None and fail_at not in STEPS:
             raise ValueError(f"fail_at={fail_at!r}; use one of {STEPS}")
-        self.report, self.fail_at, self.started = report, fail_at, time.time()
+        self.report, self.fail_at, self.desc, self.started = report, fail_at, desc, time.time()
         # stdout, like the round's own lines: stderr may be a log file (llmrec_ray.runtime.quiet_output)
         self.bar = tqdm(total=len(STEPS), desc=desc, unit="step", file=sys.stdout, leave=False,
                         disable=None if progress else True,  # None: only on a terminal
                         bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar:20}| {elapsed}")
-        self.desc = desc
+        self.done = threading.Event()
+        if not self.bar.disable:  # the elapsed time ticks on while a long step (train) runs
+            threading.Thread(target=self._tick, name="round-progress", daemon=True).start()
+
+    def _tick(self) -> None:
+        while not self.done.wait(1.0):
+            self.bar.refresh()
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -100,15 +107,20 @@ class _Steps:
         try:
             yield
         except BaseException:
-            self.bar.close()
+            self._close()
             raise
         self.report.stage_seconds[name] = time.time() - start
         self.bar.update(1)
         if name == self.fail_at:
+            self._close()
             raise InjectedFailure(name)
 
-    def finish(self) -> RoundReport:
+    def _close(self) -> None:
+        self.done.set()
         self.bar.close()
+
+    def finish(self) -> RoundReport:
+        self._close()
         self.report.round_seconds = time.time() - self.started
         return self.report
 

@@ -129,7 +129,7 @@ class _LogFile(io.TextIOBase):
 # How Ray's driver prints a line on behalf of another process: "(raylet) ...", "(RayTrainWorker pid=12) ...", maybe
 # coloured. log_to_driver=False stops the workers' output, but not what the raylet pushes to every driver, such as
 # "(raylet) WARNING: 8 PYTHON worker processes have been started ..." (no setting silences it: ray-project/ray#63800).
-_RAY_PRINTED = re.compile(r"(\x1b\[[0-9;]*m)?\((raylet|autoscaler|[^()\n]*pid=[^()\n]*)\)")
+_RAY_PRINTED = re.compile(r"(\x1b\[[0-9;]*m)*\((raylet|autoscaler|[^()\n]*pid=[^()\n]*)\)")
 
 
 class _OurStdout(io.TextIOBase):
@@ -161,6 +161,10 @@ class _OurStdout(io.TextIOBase):
         return self.terminal.fileno()
 
 
+def _ray_is_up() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()  # without importing Ray
+
+
 def _stream_handlers() -> list[logging.StreamHandler]:
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
                                        if isinstance(lg, logging.Logger)]
@@ -173,15 +177,18 @@ def quiet_output(log_path: Path) -> Iterator[None]:
     """For the duration, whatever goes to stderr goes to `log_path`: the records of every logger (Ray, Ray Data,
     Ray Serve, Ray Train, DeepSpeed, transformers; also a handler bound to stdout before now), Python warnings and
     libraries' progress bars; so do the lines Ray prints for its raylet. stdout stays on the terminal: our own lines
-    and progress bars."""
+    and progress bars. A Ray started meanwhile is shut down before the terminal is given back."""
     terminal, terminal_out, log = sys.stderr, sys.stdout, _LogFile(log_path)
     moved = {h: h.stream for h in _stream_handlers() if h.stream in (terminal, terminal_out)}
     for handler in moved:
         handler.setStream(log)
     sys.stderr, sys.stdout = log, _OurStdout(terminal_out, log)
+    ray_was_up = _ray_is_up()
     try:
         yield
     finally:
+        if _ray_is_up() and not ray_was_up:  # started meanwhile: it stops here, not at exit, or it would print there
+            sys.modules["ray"].shutdown()
         sys.stderr, sys.stdout = terminal, terminal_out
         for handler in _stream_handlers():  # handlers made meanwhile took the log file as stderr: give it back
             if handler.stream is log:
