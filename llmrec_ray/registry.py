@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from llmrec_ray.store import ConflictError, Store, Versioned
 
@@ -205,12 +205,15 @@ class Registry:
 
     def create_version(self, export_dir: str | Path, *, parent: Optional[str], shards: list[str], config: dict | None = None,
                        metrics: dict | None = None, gate: dict | None = None, extra: dict | None = None,
-                       version: Optional[str] = None) -> str:
+                       version: Optional[str] = None, before_upload: Optional[Callable[[Path, str], None]] = None) -> str:
         """Claim a name, upload the whole export directory under it, then write version.json. Returns the name.
 
         Concurrent writers get distinct names and each version holds only its own writer's files. `version` asks
-        for that exact name (ConflictError if it is taken)."""
+        for that exact name (ConflictError if it is taken). before_upload(export_dir, name): adds files that need
+        the name (the item index) once it is claimed."""
         name = self._claim(version)
+        if before_upload is not None:
+            before_upload(Path(export_dir), name)
         self.store.delete_prefix(model_prefix(name))  # files of a pre-claim writer that crashed mid-upload
         self.store.upload_dir(export_dir, model_prefix(name))
         info = {"version": name, "parent": parent, "shards": list(shards), "config": config or {},

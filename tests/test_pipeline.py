@@ -197,3 +197,26 @@ def test_round_that_loses_the_promotion_race_commits_nothing(tmp_path, approve_a
     assert main(["round", "--set", f"store.uri={store.uri}"]) == 3
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lost the promotion race" in err and winner in err
+
+
+def test_registration_builds_the_versions_item_index(tmp_path):
+    """A hybrid version is registered with its own item index (the retrieval stage of /v1/recommend): built after
+    the name is claimed, so the index names its version, and uploaded with the model files."""
+    from llmrec_ray.collab import CollabNet
+    from llmrec_ray.ids import ItemVocab
+    from llmrec_ray.model import HybridScorer
+    from llmrec_ray.retrieval import load_index
+    from llmrec_ray.schema import load_catalog
+
+    cfg, store = _store("file", tmp_path)
+    catalog_ids = list(load_catalog(store, ["title"]).index)
+    lm, tokenizer = build_model(cfg.model)
+    known = catalog_ids[: len(catalog_ids) // 2]  # the other half: vectors from text
+    model = HybridScorer(lm, CollabNet(len(known), cfg.model.collab.dim), ItemVocab(known))
+    export = save_export(model, tokenizer, cfg, tmp_path / "export")
+    registry = Registry(store)
+    name = registry.create_version(export, parent=None, shards=[], before_upload=pipeline._index_builder(cfg, store))
+    local = store.download_dir(f"registry/versions/{name}/model", tmp_path / "down")
+    index = load_index(local, version=name, model=model)
+    assert sorted(index.item_ids) == sorted(catalog_ids)
+    assert index.from_text.sum() == len(catalog_ids) - len(known)

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import requests
@@ -702,3 +703,55 @@ def test_admission_bounds_pending_rows_and_always_lets_a_lone_request_in():
         with a.hold(10):
             raise RuntimeError("scorer failed")
     assert a.pending == 0
+
+
+def test_recommend_in_two_stages_with_the_versions_own_index(serve_env):
+    """A version with an item index: /v1/recommend scores only the index's best serve.rerank_n of the pool (exact:
+    the collaborative part's own ranking) and answers the best k of those; the index is loaded with its version."""
+    from ray import serve
+
+    from llmrec_ray.config import config_from_dict
+    from llmrec_ray.model import load_export
+    from llmrec_ray.retrieval import build_index, load_index, save_index, user_vectors
+    from llmrec_ray.schema import load_catalog
+    from llmrec_ray.serve import APP_NAME, build_app
+    from llmrec_ray.text import history_text, item_texts
+
+    store, tmp = serve_env["store"], serve_env["tmp"]
+    export = serve_env["exports"]["v0002"]
+    model, tokenizer, mcfg = load_export(export)
+    catalog = load_catalog(store, ["title", "genres", "description"])
+    texts = item_texts(catalog)
+    ids = list(catalog.index)
+    save_index(build_index(model, tokenizer, mcfg, ids, [texts[i][0] for i in ids], catalog["genres"].tolist(),
+                           version="v0004"), export)
+    store.upload_dir(export, model_prefix("v0004"))
+    _promote(store, "v0004", ["v0004"])
+    d = serve_env["cfg"].to_dict()
+    d["serve"]["rerank_n"] = 3  # = k: the answer is the shortlist, reranked
+    serve.run(build_app(config_from_dict(d)), name=APP_NAME, route_prefix="/")
+    try:
+        history = [{"item_id": "1", "rating": 5}, {"item_id": "7", "rating": 1}]
+        r = _post(serve_env["url"], "/v1/recommend", {"history": history, "pool": "all", "k": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "v0004"
+        got = [i["item_id"] for i in r.json()["items"]]
+        index = load_index(export, version="v0004", model=model)
+        user = user_vectors(model, mcfg, [["1", "7"]], [[5.0, 1.0]])
+        shortlist = index.top_n(user, 3, exclude=[["1", "7"]])[0].item_ids
+        assert set(got) == set(shortlist), (got, shortlist)
+        # the shortlist matters here: scoring the whole pool answers other items (the text part reorders them)
+        from llmrec_ray.serve.inference import Loaded, encode_item, forward
+        from llmrec_ray.serve.schemas import ScoreItem
+
+        pool = [i for i in ids if i not in ("1", "7")]
+        hist_text = history_text([(texts["1"][1], 5.0), (texts["7"][1], 1.0)])
+        item = ScoreItem([texts[i][0] for i in pool], hist_text, pool, ["1", "7"], [5.0, 1.0])
+        state = Loaded(model, tokenizer, "v0004", mcfg)
+        probs_all = forward(state, [encode_item(state, item)])[0]
+        exhaustive = [pool[k] for k in np.argsort(probs_all)[::-1][:3]]
+        assert not set(exhaustive) <= set(shortlist), (exhaustive, shortlist)
+        probs = [i["probability"] for i in r.json()["items"]]
+        assert probs == sorted(probs, reverse=True)
+    finally:
+        serve.delete(APP_NAME)

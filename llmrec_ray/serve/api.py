@@ -123,9 +123,10 @@ class Api:
     @fastapi_app.post("/v1/recommend", response_model=RecommendResponse,
                       responses=error_responses(400, 401, 413, 422, 503, 504), dependencies=_TOKEN)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        item, pool = self.catalog.recommend_item(req, self._deadline())
+        item, _ = self.catalog.recommend_item(req, self._deadline())
+        item.shortlist = max(req.k, self.cfg.serve.rerank_n) if self.cfg.serve.rerank_n else None
         res = await self._score(item)
-        ranked = sorted(zip(pool, res["probs"]), key=lambda t: -t[1])[:req.k]
+        ranked = sorted(zip(res["ids"], res["probs"]), key=lambda t: -t[1])[:req.k]
         return RecommendResponse(model_version=res["version"], items=[
             Recommendation(item_id=i, title=self.catalog.titles[i], probability=p) for i, p in ranked])
 

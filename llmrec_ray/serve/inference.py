@@ -5,6 +5,7 @@ Each request of a batch is checked and encoded on its own (`model.encode_inputs`
 (`model` module's forward + sigmoid), skipping the rows of requests past their deadline (504).
 """
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -32,19 +33,41 @@ class Loaded:
     tokenizer: Any
     version: str
     cfg: Config  # the config the version was trained with (max_seq_len, like_threshold, history_len)
+    index: Any = None  # llmrec_ray.retrieval.ItemIndex of this version (item_index.npz in its folder), or None
 
 
 def load_version(store, prefix: str, version: str, cache_root: Path, quantize: str = "none") -> Loaded:
     """Download + load one export fully into cache_root/<version>. Raises on any problem.
     quantize="int8" (serve.quantize): the text part's Linear layers as dynamic int8 (CPU inference)."""
     from llmrec_ray.model import load_export, quantize_int8
+    from llmrec_ray.retrieval import INDEX_FILE, load_index
 
     local = cache_root / version
     if local.exists():
         shutil.rmtree(local, ignore_errors=True)
     store.download_dir(prefix, local)
     model, tokenizer, mcfg = load_export(local)
-    return Loaded(quantize_int8(model) if quantize == "int8" else model, tokenizer, version, mcfg)
+    index = load_index(local, version=version, model=model) if (local / INDEX_FILE).is_file() else None
+    return Loaded(quantize_int8(model) if quantize == "int8" else model, tokenizer, version, mcfg, index)
+
+
+def shortlist(state: Loaded, item: ScoreItem) -> ScoreItem:
+    """The retrieval stage: the request cut to the `item.shortlist` candidates the version's item index ranks best
+    (the collaborative part's own ranking, exact), plus every candidate the index does not hold (items newer than
+    the version: the scorer ranks them from text). Unchanged without an index or when the pool is short already."""
+    from llmrec_ray.retrieval import user_vectors
+
+    n = item.shortlist
+    if n is None or state.index is None or len(item.candidate_ids) <= n:
+        return item
+    ids = item.candidate_ids
+    indexed = [i for i in ids if i is not None and i in state.index]
+    user = user_vectors(state.model, state.cfg, [[i for i in item.history_ids if i is not None]],
+                        [[r for i, r in zip(item.history_ids, item.history_ratings) if i is not None]])
+    chosen = set(state.index.top_n(user, n, allowed=state.index.rows(indexed))[0].item_ids)
+    keep = [k for k, i in enumerate(ids) if i is None or i not in state.index or i in chosen]
+    return dataclasses.replace(item, candidate_texts=[item.candidate_texts[k] for k in keep],
+                               candidate_ids=[ids[k] for k in keep], shortlist=None)
 
 
 def encode_item(state: Loaded, item: ScoreItem) -> dict:
@@ -93,6 +116,12 @@ def score_items(state: Loaded, requests: list[ScoreItem], s: ServeConfig) -> lis
     encoded, good = [], []
     now = time.time()
     for i, item in enumerate(requests):  # check and encode per request: one bad input fails alone
+        try:
+            item = requests[i] = shortlist(state, item)
+        except Exception as exc:  # noqa: BLE001 - reported to that request only
+            log.warning("llmrec serve: retrieval failed for a request: %s: %s", type(exc).__name__, exc)
+            out[i] = {"error": f"retrieval failed: {type(exc).__name__}", "status": 422}
+            continue
         n = len(item.candidate_texts)
         tokens = n * state.cfg.model.max_seq_len
         if item.deadline <= now:
@@ -110,5 +139,5 @@ def score_items(state: Loaded, requests: list[ScoreItem], s: ServeConfig) -> lis
     if encoded:
         probs = forward(state, encoded, [requests[i].deadline for i in good], s.forward_rows)
         for i, p in zip(good, probs):
-            out[i] = {"probs": p, "version": state.version} if p is not None else late
+            out[i] = {"probs": p, "ids": requests[i].candidate_ids, "version": state.version} if p is not None else late
     return out

@@ -106,6 +106,7 @@ class ScoreItem:
     history_ids: list[Optional[str]]  # most recent first
     history_ratings: list[float]  # NaN: no rating (an implicit event)
     deadline: float = float("inf")  # time.time() after which nobody waits for the answer (serve.request_timeout_s)
+    shortlist: Optional[int] = None  # /v1/recommend: score only the retrieval stage's best N of the candidates
 
 
 # --- responses -----------------------------------------------------------------------------------------------
