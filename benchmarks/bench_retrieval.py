@@ -125,8 +125,9 @@ def quality(work: Path, model_name: str, num_users: int, n: int, seed: int) -> d
     import pandas as pd
     import torch
 
+    from llmrec_ray.item_index import build_index
     from llmrec_ray.model import load_export
-    from llmrec_ray.retrieval import build_index, user_vectors
+    from llmrec_ray.retrieval import user_vectors
     from llmrec_ray.schema import CATALOG_KEY
     from llmrec_ray.text import item_text
 

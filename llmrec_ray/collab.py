@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llmrec_ray.ids import HIST_KEYS, UNKNOWN, HistoryArrays, ItemVocab, history_arrays  # noqa: F401 - HIST_KEYS, history_arrays: re-exported
+from llmrec_ray.ids import UNKNOWN, HistoryArrays, ItemVocab
 
 NUM_FEATURES = 7  # 6 read from the history + the candidate's log count
 VOCAB_FILE = "collab_vocab.json"

@@ -23,8 +23,8 @@ import ray
 from ray.data.context import DataContext, ShuffleStrategy
 from transformers import AutoTokenizer
 
-from llmrec_ray.collab import ItemVocab
 from llmrec_ray.config import Config, config_from_dict
+from llmrec_ray.ids import ItemVocab
 from llmrec_ray.model import encode_inputs
 from llmrec_ray.schema import CATALOG_KEY, load_catalog
 from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_texts

@@ -29,7 +29,6 @@ import threading
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from tqdm.auto import tqdm
@@ -37,11 +36,10 @@ from tqdm.auto import tqdm
 from llmrec_ray import judge
 from llmrec_ray.config import Config
 from llmrec_ray.evaluate import model_scorer
+from llmrec_ray.item_index import index_builder
 from llmrec_ray.ledger import Ledger
-from llmrec_ray.model import load_export
 from llmrec_ray.registry import PromotionConflict, Registry, model_prefix
 from llmrec_ray.report import write_report
-from llmrec_ray.retrieval import build_index, save_index
 from llmrec_ray.schema import load_catalog, period_of_key
 from llmrec_ray.store import Store
 from llmrec_ray.text import item_texts
@@ -251,21 +249,7 @@ def _register(cfg: Config, registry: Registry, result: TrainResult, verdict: jud
     return registry.create_version(
         result.export_dir, parent=report.parent, shards=report.round_shards, config=cfg.to_dict(redact=True),
         metrics=_finite(flat), gate={"decision": report.decision, "reason": verdict.reason},
-        extra={"eval": _finite(report.metrics)}, before_upload=_index_builder(cfg, registry.store))
-
-
-def _index_builder(cfg: Config, store: Store):
-    """For a hybrid export: the version's item index (retrieval stage of /v1/recommend), saved in its folder."""
-    def build(export_dir: Path, version: str) -> None:
-        model, tokenizer, mcfg = load_export(export_dir)
-        if not model.is_hybrid:
-            return
-        catalog = load_catalog(store, ["title", "genres", "description"])
-        texts = item_texts(catalog)
-        ids = list(catalog.index)
-        save_index(build_index(model, tokenizer, mcfg, ids, [texts[i][0] for i in ids], catalog["genres"].tolist(),
-                               version=version), export_dir)
-    return build if cfg.model.kind == "hybrid" else None
+        extra={"eval": _finite(report.metrics)}, before_upload=index_builder(cfg, registry.store))
 
 
 def _promote(registry: Registry, report: RoundReport) -> bool:

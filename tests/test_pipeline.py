@@ -204,8 +204,8 @@ def test_registration_builds_the_versions_item_index(tmp_path):
     the name is claimed, so the index names its version, and uploaded with the model files."""
     from llmrec_ray.collab import CollabNet
     from llmrec_ray.ids import ItemVocab
+    from llmrec_ray.item_index import index_builder, load_index
     from llmrec_ray.model import HybridScorer
-    from llmrec_ray.retrieval import load_index
     from llmrec_ray.schema import load_catalog
 
     cfg, store = _store("file", tmp_path)
@@ -215,7 +215,7 @@ def test_registration_builds_the_versions_item_index(tmp_path):
     model = HybridScorer(lm, CollabNet(len(known), cfg.model.collab.dim), ItemVocab(known))
     export = save_export(model, tokenizer, cfg, tmp_path / "export")
     registry = Registry(store)
-    name = registry.create_version(export, parent=None, shards=[], before_upload=pipeline._index_builder(cfg, store))
+    name = registry.create_version(export, parent=None, shards=[], before_upload=index_builder(cfg, store))
     local = store.download_dir(f"registry/versions/{name}/model", tmp_path / "down")
     index = load_index(local, version=name, model=model)
     assert sorted(index.item_ids) == sorted(catalog_ids)

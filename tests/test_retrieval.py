@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from llmrec_ray.collab import CollabNet, ItemVocab, history_arrays, predict_logits
+from llmrec_ray.collab import CollabNet, predict_logits
 from llmrec_ray.config import load_config
+from llmrec_ray.ids import ItemVocab, history_arrays
+from llmrec_ray.item_index import INDEX_FILE, TextProjection, build_index, load_index, save_index
 from llmrec_ray.model import HybridScorer, build_model, load_export, save_export
-from llmrec_ray.retrieval import (INDEX_FILE, ItemIndex, TextProjection, build_index, load_index, save_index,
-                                  user_vectors)
+from llmrec_ray.retrieval import ItemIndex, user_vectors
 
 KNOWN = [str(i) for i in range(1, 11)]  # ids the tables know
 GENRES = ["Action", "Comedy", "Drama"]

@@ -53,7 +53,8 @@ def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool
     so a response computed from the text part of one version and the tables of another is recognisable."""
     import torch
 
-    from llmrec_ray.collab import CollabNet, ItemVocab
+    from llmrec_ray.collab import CollabNet
+    from llmrec_ray.ids import ItemVocab
     from llmrec_ray.model import HybridScorer, build_model, save_export
 
     lm, tok = build_model(cfg.model)
@@ -711,8 +712,9 @@ def test_recommend_in_two_stages_with_the_versions_own_index(serve_env):
     from ray import serve
 
     from llmrec_ray.config import config_from_dict
+    from llmrec_ray.item_index import build_index, load_index, save_index
     from llmrec_ray.model import load_export
-    from llmrec_ray.retrieval import build_index, load_index, save_index, user_vectors
+    from llmrec_ray.retrieval import user_vectors
     from llmrec_ray.schema import load_catalog
     from llmrec_ray.serve import APP_NAME, build_app
     from llmrec_ray.text import history_text, item_texts

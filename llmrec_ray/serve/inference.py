@@ -40,7 +40,7 @@ def load_version(store, prefix: str, version: str, cache_root: Path, quantize: s
     """Download + load one export fully into cache_root/<version>. Raises on any problem.
     quantize="int8" (serve.quantize): the text part's Linear layers as dynamic int8 (CPU inference)."""
     from llmrec_ray.model import load_export, quantize_int8
-    from llmrec_ray.retrieval import INDEX_FILE, load_index
+    from llmrec_ray.item_index import INDEX_FILE, load_index
 
     local = cache_root / version
     if local.exists():
