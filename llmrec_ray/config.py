@@ -147,7 +147,7 @@ class ServeConfig(_Section):
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     poll_interval_s: float = Field(2.0, gt=0.0)  # how often replicas check the promoted pointer
     max_candidates: int = Field(1000, ge=1)  # /v1/score: candidates per request
-    # /v1/recommend in two stages: the version's item index (llmrec_ray/retrieval.py) shortlists this many of the
+    # /v1/recommend in two stages: the version's item index (llmrec_ray/item_index.py) shortlists this many of the
     # pool, the full scorer reranks them; 0 = score the whole pool (versions without an index always do)
     rerank_n: int = Field(100, ge=0)
     max_pool: int = Field(5000, ge=1)  # /v1/recommend: items scored per request (the pool after exclusions; MovieLens-100K has 1,682)

@@ -719,7 +719,7 @@ def test_recommend_in_two_stages_with_the_versions_own_index(serve_env):
     from llmrec_ray.serve import APP_NAME, build_app
     from llmrec_ray.text import history_text, item_texts
 
-    store, tmp = serve_env["store"], serve_env["tmp"]
+    store = serve_env["store"]
     export = serve_env["exports"]["v0002"]
     model, tokenizer, mcfg = load_export(export)
     catalog = load_catalog(store, ["title", "genres", "description"])
