@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from llmrec_ray.config import Config, config_from_dict
-from llmrec_ray.serve import guard
+from llmrec_ray.serve.guard import install as install_guard
 from llmrec_ray.serve.admission import Admission, Overloaded
 from llmrec_ray.serve.metrics import IngressMetrics
 from llmrec_ray.serve.resolve import Catalog
@@ -41,7 +41,7 @@ def _current_api() -> Optional["Api"]:
         return None
 
 
-guard.install(fastapi_app, _current_api)
+install_guard(fastapi_app, _current_api)
 
 _bearer = HTTPBearer(auto_error=False, description="Required when the server sets the env var named by "
                      "serve.auth_token_env (default LLMREC_API_TOKEN): Authorization: Bearer <token>")
