@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmrec_ray.runtime import ensure_ray
+from llmrec_ray.runtime import configure_environment, ensure_ray
 from llmrec_ray.config import load_config
 from llmrec_ray.datasets.movielens import import_movielens
 from llmrec_ray.datasets.synth import generate_synth
@@ -32,6 +32,7 @@ def bench_one(name: str, overrides: list[str], importer, ingest_shards: int) -> 
     targets = shards[-ingest_shards:]
     older = [s.key for s in shards[:-ingest_shards]]
     n_target_rows = sum(s.num_rows for s in targets)
+    configure_environment()
     ensure_ray(cfg)
     start = time.time()
     n_examples = build_examples(cfg, store, [s.key for s in targets], history_keys=older).count()

@@ -69,6 +69,7 @@ def main() -> int:
     from ray import serve
 
     from llmrec_ray.config import config_from_dict
+    from llmrec_ray.runtime import configure_environment
     from llmrec_ray.serve import APP_NAME, build_app
     from llmrec_ray.store import Store
 
@@ -81,6 +82,7 @@ def main() -> int:
     _write_catalog(store)
     _write_export(store, cfg, "v0001", 0.0, tmp)
     _promote(store, "v0001", ["v0001"])
+    configure_environment()  # offline Hugging Face and Ray's variables, for this process and Ray's workers
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="llmrec-fray-", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})

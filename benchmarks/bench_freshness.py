@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=1200.0, help="per landing")
     args = p.parse_args()
 
-    from llmrec_ray.runtime import ensure_ray
+    from llmrec_ray.runtime import configure_environment, ensure_ray
     from llmrec_ray.config import load_config
     from llmrec_ray.continuous import StopFlag, run_continuous
     from llmrec_ray.datasets import period_start, write_dataset, write_shard
@@ -53,6 +53,7 @@ def main() -> None:
     first = cfg.data.first_round_shards
     write_dataset(store, catalog, events[days.isin(periods[:first])], cfg.data.shard_period_days, time.time(), progress=False)
 
+    configure_environment()
     ensure_ray(cfg)
     started = time.time()
     first_round = run_round(cfg, store)

@@ -19,9 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import free_port  # noqa: E402 - tests/ holds the fixture helpers this benchmark reuses
@@ -109,6 +106,7 @@ def main() -> int:
     from ray import serve
 
     from llmrec_ray.config import config_from_dict
+    from llmrec_ray.runtime import configure_environment
     from llmrec_ray.serve import APP_NAME, build_app
     from llmrec_ray.store import Store
     from test_serve import _promote, _write_catalog, _write_export
@@ -132,6 +130,7 @@ def main() -> int:
     _write_export(store, cfg, "v0002", 1.0, tmp)
     _promote(store, "v0001", ["v0001"])
 
+    configure_environment()  # offline Hugging Face and Ray's variables, for this process and Ray's workers
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="llmrec-bray-", dir="/tmp"))
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec_ray.runtime import ensure_ray
+from llmrec_ray.runtime import configure_environment, ensure_ray
 from llmrec_ray.config import load_config
 from llmrec_ray.model import build_model, model_source
 from llmrec_ray.store import Store
@@ -87,6 +87,7 @@ def main() -> None:
     for threads in sorted({cpus for _, _, cpus in arms}):
         plain[threads] = plain_loop(cfg, args.steps, threads)
         print(f"plain torch loop, {threads} thread(s): {plain[threads]:.2f} samples/s")
+    configure_environment()
     ensure_ray(cfg)
     import tempfile
 

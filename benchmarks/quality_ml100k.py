@@ -225,7 +225,7 @@ class State:
 
 
 def run(args) -> dict:
-    from llmrec_ray.runtime import ensure_ray
+    from llmrec_ray.runtime import configure_environment, ensure_ray
     from llmrec_ray.ingest import item_texts, load_catalog
     from llmrec_ray.store import Store
 
@@ -264,6 +264,7 @@ def run(args) -> dict:
                 scorer, _ = classical_scorer(arm, train_events, train_examples, log, cfg)
                 info = {"train_rows": len(train_events), "seconds_fit": time.time() - t0}
             else:
+                configure_environment()
                 ensure_ray(cfg)
                 plan = lm_plan(arm, w, weeks, keys, state.data["models"], args)
                 if plan["name"] not in state.data["models"]:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 
 from llmrec_ray.config import load_config
-from llmrec_ray.schema import CATALOG_KEY
+from llmrec_ray.schema import CATALOG_KEY, period_of_key
 
 STUDY_OVERRIDES = ["model.backbone=minilm", "model.max_seq_len=64", "data.history_len=5", "train.num_workers=2",
                    "train.zero_stage=1", "train.batch_size_per_worker=16", "eval.num_negatives=49", "train.max_failures=0"]
@@ -73,7 +73,7 @@ def train_model(cfg, store, state: State, name: str, targets: list[str], older: 
     from llmrec_ray.train import run_training
 
     init_uri = store.key_uri(f"study/models/{init}") if init else None
-    print(f"== train {name}: {len(targets)} shards ({targets[0].split('=')[1][:10]}..{targets[-1].split('=')[1][:10]}) "
+    print(f"== train {name}: {len(targets)} shards ({period_of_key(targets[0])}..{period_of_key(targets[-1])}) "
           f"from {init or 'the pretrained backbone'}")
     started = time.time()
     ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=older if init else ())
@@ -171,7 +171,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     overrides = [*STUDY_OVERRIDES, *args.overrides, f"store.uri={work / 'store'}"]
     cfg = load_config(None, overrides)
-    from llmrec_ray.runtime import ensure_ray
+    from llmrec_ray.runtime import configure_environment, ensure_ray
     from llmrec_ray.ingest import _row_count
     from llmrec_ray.ledger import Ledger
     from llmrec_ray.store import Store
@@ -188,6 +188,7 @@ def main() -> None:
     while start > 1 and sum(sizes[start:eval_idx[0]]) < args.min_rows:
         start -= 1
     state = State(work / "state.json")
+    configure_environment()
     ensure_ray(cfg)
     train_model(cfg, store, state, "base", keys[:start], [], None)
     prev, prev_idx = "base", start
@@ -200,7 +201,7 @@ def main() -> None:
     meta = {"machine": "2 cores, 24 GiB, no GPU", "overrides": overrides[:-1],
             "subsample": f"MovieLens-100K users with crc32(user_id) % {args.user_mod} == 0, "
                          f"{sum(sizes)} ratings, eval weeks with >= {args.min_rows} rows",
-            "shard_rows": dict(zip((k.split('=')[1][:10] for k in keys), sizes))}
+            "shard_rows": dict(zip(map(period_of_key, keys), sizes))}
     write_outputs(state, work, meta)
 
 

@@ -47,15 +47,19 @@ def eval_rows(frame: pd.DataFrame, cfg: Config) -> pd.DataFrame:
 
 
 def ranking_frame(frame: pd.DataFrame, catalog_texts: dict, seen: dict, cfg: Config) -> pd.DataFrame:
-    """Rows: each sampled positive followed by its negatives; column `group` ties them together."""
+    """Rows: each sampled positive followed by its negatives; column `group` ties them together. A positive whose user
+    has seen every catalogue item has no negatives to rank against and is left out."""
     pos = frame[frame["label"] == 1]
     n_groups = max(1, (cfg.eval.max_rows or len(frame)) // (cfg.eval.num_negatives + 1))
     pos = pos.sample(min(n_groups, len(pos)), random_state=cfg.data.seed) if len(pos) else pos
     rng = np.random.default_rng(cfg.data.seed)
     items = list(catalog_texts)
-    rows = []
-    for g, r in enumerate(pos.itertuples()):
+    rows, g = [], -1
+    for r in pos.itertuples():
         negs = sample_negatives(items, seen.get(r.user_id, set()) | {r.item_id}, cfg.eval.num_negatives, rng)
+        if not negs:
+            continue
+        g += 1
         for item_id in [r.item_id, *negs]:
             rows.append({"group": g, "user_id": r.user_id, "item_id": item_id, "timestamp": r.timestamp,
                          "history_text": r.history_text, "candidate_text": catalog_texts[item_id][0],

@@ -1,6 +1,6 @@
 """Run by tests/test_loopback.py in a process of its own (a second Ray cannot start inside pytest's).
 
-Starts Ray exactly as the `llmrec` commands do (cli.ensure_ray), puts on it what a round and `llmrec serve`
+Starts Ray exactly as the `llmrec` commands do (runtime.configure_environment + ensure_ray), puts on it what a round and `llmrec serve`
 put on it -- Serve's proxy and a replica (on cfg.serve.host, as serve.run_serve binds it), a Ray Train gloo
 process group over 2 workers, idle task workers -- and, while all of that is up, prints every listening TCP
 socket of this process tree as one JSON line. Usage: python tests/loopback_probe.py SERVE_PORT
@@ -91,10 +91,11 @@ def main(serve_port: int) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from llmrec_ray.cli import ensure_ray
     from llmrec_ray.config import load_config
+    from llmrec_ray.runtime import configure_environment, ensure_ray
 
     cfg = load_config(None, ["ray.num_cpus=4"])
+    configure_environment()
     ensure_ray(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": serve_port})
 

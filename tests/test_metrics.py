@@ -60,3 +60,14 @@ def test_evaluate_all_scores_every_scorer_on_the_same_rows_and_skips_ranking_on_
     assert full["oracle"]["n_ranked"] == 20 // 5 and "ndcg@2" in full["flat"]
     pointwise = evaluate_all({"oracle": label_oracle}, frame, items, history, cfg, ranking=False)
     assert pointwise["oracle"]["auc"] == 1.0 and "n_ranked" not in pointwise["oracle"]
+
+
+def test_a_user_who_has_seen_every_item_is_left_out_of_the_ranking():
+    """It once crashed np.stack: a positive with no negatives left made groups of different sizes."""
+    cfg = load_config(None, ["eval.num_negatives=3", "eval.k=2", "eval.max_rows=40"])
+    items = {f"i{j}": (f"item {j}", "") for j in range(6)}
+    frame = pd.DataFrame({"user_id": ["all"] * 6 + ["some"] * 2, "item_id": [f"i{j}" for j in range(6)] + ["i0", "i1"],
+                          "label": [1.0] * 8, "history_text": "h", "timestamp": range(8)})
+    frame["candidate_text"] = frame["item_id"].map(lambda i: items[i][0])
+    out = evaluate_all({"flat": lambda f: np.full(len(f), 0.5)}, frame, items, frame[["user_id", "item_id"]].iloc[:0], cfg)
+    assert out["flat"]["n_ranked"] == 2  # the two positives of "some"; none of "all" (every item seen)
