@@ -98,7 +98,10 @@ def summarise(label: str, run: dict, replicas_seen: list[int]) -> dict:
             "ok_per_s": ok / run["elapsed_s"],
             "p50_ms": float(np.percentile(ms, 50)) if len(ms) else None,
             "p99_ms": float(np.percentile(ms, 99)) if len(ms) else None,
+            "loadavg_1m_after": os.getloadavg()[0],  # other work on the machine shows here: compare runs only when it is low
             "scorer_replicas_max": max(replicas_seen, default=None),
+            # seconds into the run (1 sample/s) at which the Scorer first ran its most replicas
+            "scaled_to_max_after_s": replicas_seen.index(max(replicas_seen)) + 1 if replicas_seen else None,
             "scorer_replicas_timeline": replicas_seen}
 
 
@@ -152,12 +155,13 @@ def write_report(results: list[dict], args, out: Path) -> None:
     lines = [f"Load test: {args.users} locust users, /v1/score with {args.candidates} candidates"
              + (f" (+ /v1/recommend, weight {args.recommend_weight}:10)" if args.recommend_weight > 0 else "")
              + f", {args.backbone} backbone, {args.seq_len} tokens, {machine}.", "",
-             "| setting | s | requests | answers by status | req/s | 200/s | p50 ms | p99 ms | Scorer replicas (max) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| setting | s | requests | answers by status | req/s | 200/s | p50 ms | p99 ms | Scorer replicas (max, from s) | load avg 1 min |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         p = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
         lines.append(f"| {r['setting']} | {r['elapsed_s']:.0f} | {r['requests']} | {r['by_status']} | {r['req_per_s']:.1f} | "
-                     f"{r['ok_per_s']:.1f} | {p(r['p50_ms'])} | {p(r['p99_ms'])} | {r['scorer_replicas_max']} |")
+                     f"{r['ok_per_s']:.1f} | {p(r['p50_ms'])} | {p(r['p99_ms'])} | {r['scorer_replicas_max']} (from {r['scaled_to_max_after_s']} s) | "
+                     f"{r['loadavg_1m_after']:.1f} |")
     (out / "load.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -171,6 +175,7 @@ def main(args) -> int:
     from test_serve import _promote, _write_catalog, _write_export
 
     from llmrec_ray.config import config_from_dict
+    from llmrec_ray.runtime import configure_environment
     from llmrec_ray.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="llmrec-load-"))
@@ -190,6 +195,7 @@ def main(args) -> int:
         settings.append((f"autoscale 1-{args.autoscale_max}",
                          {"autoscaling": True, "min_replicas": 1, "max_replicas": args.autoscale_max,
                           "target_ongoing_requests": args.autoscale_target}, args.autoscale_seconds))
+    configure_environment()  # offline Hugging Face and Ray's variables, for this process and Ray's workers
     ray_cpus = args.ray_cpus or max(max(args.replicas, default=1), args.autoscale_max) + 1
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="llmrec-lray-", dir="/tmp"))
