@@ -2,12 +2,14 @@
 
 Each kustomize overlay is rendered with `kubectl kustomize`; custom resources are validated against the
 KubeRay v1.7.0 CRD schemas (jsonschema + their CEL rules via cel-python), built-in kinds with
-kubernetes-validate; the config, import path and job scripts they name must exist and load.
+kubernetes-validate; the config, import
+import path and job scripts they name must exist and load.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import re
 import subprocess
@@ -206,9 +208,8 @@ def test_entrypoints_and_import_path_exist(rendered):
             serve_cfg = yaml.safe_load(doc["spec"]["serveConfigV2"])
             for app in serve_cfg["applications"]:
                 module, attr = app["import_path"].split(":")
-                assert (REPO / (module.replace(".", "/") + ".py")).is_file(), module
-                source = (REPO / (module.replace(".", "/") + ".py")).read_text()
-                assert f"def {attr}(" in source, f"{app['import_path']}: no function {attr}"
+                builder = getattr(importlib.import_module(module), attr, None)  # what Serve imports on the cluster
+                assert callable(builder), f"{app['import_path']}: no function {attr}"
                 assert app["args"] == {"config_path": "/config/config.yaml"}
 
 
@@ -224,7 +225,7 @@ def test_job_configs_load(name):
 @pytest.mark.parametrize("script", ["import_data.py", "round.py", "continuous.py", "serve.py", "bench.py"])
 def test_job_scripts_are_thin_cli_calls(script):
     source = (REPO / "jobs" / script).read_text()
-    assert "from llmrec_ray.cli import main" in source and len(source.splitlines()) < 40
+    assert "from llmrec_ray.cli import" in source and "main(" in source and len(source.splitlines()) < 40
     compile(source, script, "exec")
 
 
