@@ -33,14 +33,14 @@ class Loaded:
     tokenizer: Any
     version: str
     cfg: Config  # the config the version was trained with (max_seq_len, like_threshold, history_len)
-    index: Any = None  # llmrec_ray.retrieval.ItemIndex of this version (item_index.npz in its folder), or None
+    index: Any = None  # this version's llmrec_ray.retrieval.ItemIndex (item_index.npz in its folder), or None
 
 
 def load_version(store, prefix: str, version: str, cache_root: Path, quantize: str = "none") -> Loaded:
     """Download + load one export fully into cache_root/<version>. Raises on any problem.
     quantize="int8" (serve.quantize): the text part's Linear layers as dynamic int8 (CPU inference)."""
-    from llmrec_ray.model import load_export, quantize_int8
     from llmrec_ray.item_index import INDEX_FILE, load_index
+    from llmrec_ray.model import load_export, quantize_int8
 
     local = cache_root / version
     if local.exists():
