@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -28,10 +27,9 @@ import numpy as np
 import psutil
 import requests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from private_serve import start_ray_serve, write_store  # a script beside it
 
-from conftest import free_port  # noqa: E402 - tests/ holds the fixture helpers this benchmark reuses
-from test_serve import _promote, _write_catalog, _write_export  # noqa: E402
+from conftest import free_port  # tests/, put on sys.path by private_serve
 
 
 def serve_processes() -> dict[int, str]:
@@ -69,24 +67,15 @@ def main() -> int:
     from ray import serve
 
     from llmrec_ray.config import config_from_dict
-    from llmrec_ray.runtime import configure_environment
     from llmrec_ray.serve import APP_NAME, build_app
-    from llmrec_ray.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="llmrec-flood-"))
     port = free_port()
     cfg = config_from_dict({"store": {"uri": f"file://{tmp / 'store'}"},
                             "model": {"backbone": args.backbone, "max_seq_len": args.seq_len, "dropout": 0.0},
                             "serve": {"host": "127.0.0.1", "port": port, "poll_interval_s": 1.0}})
-    store = Store.from_config(cfg.store)
-    _write_catalog(store)
-    _write_export(store, cfg, "v0001", 0.0, tmp)
-    _promote(store, "v0001", ["v0001"])
-    configure_environment()  # offline Hugging Face and Ray's variables, for this process and Ray's workers
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="llmrec-fray-", dir="/tmp"))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}/v1/score"
+    write_store(cfg, tmp, {"v0001": 0.0})
+    url = start_ray_serve(port, 4, "llmrec-fray-") + "/v1/score"
     history = [{"text": "Heat (1995)", "rating": 5}, {"text": "Jumanji (1995)", "rating": 2}]
     big = {"history": history, "candidates": [{"text": f"Movie number {i} (1990) | Drama"} for i in range(args.candidates)]}
     small = {"history": history, "candidates": [{"text": "Toy Story (1995) | Animation, Comedy"}]}

@@ -10,7 +10,6 @@ Each request scores ONE (history, candidate) pair, so server-side batching is wh
 import argparse
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -19,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from private_serve import promote, start_ray_serve, write_store  # a script beside it
 
-from conftest import free_port  # noqa: E402 - tests/ holds the fixture helpers this benchmark reuses
+from conftest import free_port  # tests/, put on sys.path by private_serve
 
 
 def pct(xs):
@@ -106,10 +105,7 @@ def main() -> int:
     from ray import serve
 
     from llmrec_ray.config import config_from_dict
-    from llmrec_ray.runtime import configure_environment
     from llmrec_ray.serve import APP_NAME, build_app
-    from llmrec_ray.store import Store
-    from test_serve import _promote, _write_catalog, _write_export
 
     tmp = Path(tempfile.mkdtemp(prefix="llmrec-bench-"))
     port = free_port()
@@ -124,17 +120,8 @@ def main() -> int:
               "raw": raw_forward(cfg, [1, 8, 32], args.raw_seconds)}
     print("raw forward:", json.dumps(result["raw"]), flush=True)
 
-    store = Store.from_config(cfg.store)
-    _write_catalog(store)
-    _write_export(store, cfg, "v0001", -1.0, tmp)
-    _write_export(store, cfg, "v0002", 1.0, tmp)
-    _promote(store, "v0001", ["v0001"])
-
-    configure_environment()  # offline Hugging Face and Ray's variables, for this process and Ray's workers
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="llmrec-bray-", dir="/tmp"))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    store = write_store(cfg, tmp, {"v0001": -1.0, "v0002": 1.0})
+    url = start_ray_serve(port, 4, "llmrec-bray-")
     try:
         for name, mbs in (("batched", None), ("unbatched", 1)):
             serve.run(build_app(cfg, max_batch_size=mbs), name=APP_NAME, route_prefix="/")
@@ -154,7 +141,7 @@ def main() -> int:
         def progress(done):
             if done >= args.requests // 4 and not swapped:
                 swapped.append(time.time())
-                _promote(store, "v0002", ["v0001", "v0002"])
+                promote(store, "v0002", ["v0001", "v0002"])
 
         r, versions = load(url, args.requests, levels[-1], on_progress=progress)
         r["versions_seen"] = sorted({v for v in versions if v})

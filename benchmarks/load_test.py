@@ -171,12 +171,10 @@ def main(args) -> int:
     from ray import serve
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import free_port  # tests/ holds the fixture helpers this benchmark reuses
-    from test_serve import _promote, _write_catalog, _write_export
+    from private_serve import start_ray_serve, write_store  # a script beside it; puts tests/ on sys.path
+    from conftest import free_port
 
     from llmrec_ray.config import config_from_dict
-    from llmrec_ray.runtime import configure_environment
-    from llmrec_ray.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="llmrec-load-"))
     port = free_port()
@@ -185,22 +183,14 @@ def main(args) -> int:
             "serve": {"host": "127.0.0.1", "port": port, "poll_interval_s": 1.0, "num_cpus_per_replica": 1.0,
                       "cache_dir": str(tmp / "cache")}}
     cfg = config_from_dict(base)
-    store = Store.from_config(cfg.store)
-    _write_catalog(store)
-    _write_export(store, cfg, "v0001", 0.0, tmp)
-    _promote(store, "v0001", ["v0001"])
+    write_store(cfg, tmp, {"v0001": 0.0})
 
     settings = [(f"replicas={n}", {"num_replicas": n}, args.seconds) for n in args.replicas]
     if args.autoscale_max > 0:
         settings.append((f"autoscale 1-{args.autoscale_max}",
                          {"autoscaling": True, "min_replicas": 1, "max_replicas": args.autoscale_max,
                           "target_ongoing_requests": args.autoscale_target}, args.autoscale_seconds))
-    configure_environment()  # offline Hugging Face and Ray's variables, for this process and Ray's workers
-    ray_cpus = args.ray_cpus or max(max(args.replicas, default=1), args.autoscale_max) + 1
-    ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="llmrec-lray-", dir="/tmp"))
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
+    url = start_ray_serve(port, args.ray_cpus or max(max(args.replicas, default=1), args.autoscale_max) + 1, "llmrec-lray-")
     results = []
     try:
         for label, over, seconds in settings:
