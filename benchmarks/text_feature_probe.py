@@ -28,7 +28,7 @@ from llmrec_ray.collab import CollabNet, _masked_mean, fit_collab, predict_logit
 from llmrec_ray.config import load_config
 from llmrec_ray.ids import ItemVocab, history_arrays
 from llmrec_ray.model import minilm_dir
-from llmrec_ray.schema import load_catalog
+from llmrec_ray.catalog import load_catalog
 from llmrec_ray.store import Store
 from llmrec_ray.text import item_texts
 

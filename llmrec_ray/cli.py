@@ -2,6 +2,7 @@
 repeatable `--set section.key=value` overrides, validated by llmrec_ray.config.
 
     llmrec data import movielens --store file:///tmp/s      import MovieLens-100K into weekly shards
+    llmrec data import table --interactions F --catalog F   your own log + catalogue (CSV/Parquet/JSONL, s3://)
     llmrec data synth --set synth.num_events=1000000        synthetic drifting data at scale
     llmrec data ingest                                      stream the first new week through Ray Data
     llmrec train                                            one training round (no gate, no promotion)
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from llmrec_ray.commands import COMMANDS, RAY_COMMANDS
-from llmrec_ray.config import Config, load_config
+from llmrec_ray.config import Config, config_from_dict, load_config
 from llmrec_ray.registry import RegistryError
 from llmrec_ray.runtime import configure_environment, quiet_output, ray_address
 from llmrec_ray.store import Store, StoreError
@@ -53,7 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="import, generate and inspect interaction shards")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     imp = data_sub.add_parser("import", help="import a real data set into time-ordered shards")
-    imp.add_argument("dataset", choices=["movielens", "synth"])
+    imp.add_argument("dataset", choices=["movielens", "synth", "table"],
+                     help="table: your own files (the options below; README 'Use your own data')")
+    t = imp.add_argument_group("table (your own data; each also settable as table.* in the config)")
+    t.add_argument("--interactions", action="append", default=[], metavar="PATH",
+                   help="interaction file, directory or glob; local or s3:// (repeatable)")
+    t.add_argument("--catalog", action="append", default=[], metavar="PATH", help="catalogue file(s): upserts by item_id")
+    t.add_argument("--map", action="append", default=[], metavar="OURS=YOURS",
+                   help="interaction column mapping, e.g. --map user_id=customer (ours: user_id item_id timestamp "
+                        "rating event label context)")
+    t.add_argument("--catalog-map", action="append", default=[], metavar="OURS=YOURS",
+                   help="catalogue column mapping, e.g. --catalog-map title=name (ours: item_id title genres "
+                        "description year)")
+    t.add_argument("--format", choices=["auto", "csv", "parquet", "jsonl"])
+    t.add_argument("--delimiter", help="CSV field separator (default ',')")
+    t.add_argument("--encoding", help="CSV / JSON Lines text encoding (default utf-8)")
+    t.add_argument("--timestamp-unit", choices=["auto", "s", "ms", "us", "iso"])
+    t.add_argument("--positive-events", metavar="A,B", help="event values that mean 'liked' (label 1)")
+    t.add_argument("--negative-events", metavar="A,B", help="event values that mean 'not liked' (label 0)")
+    t.add_argument("--genres-separator", metavar="SEP", help="split the genres/category text on SEP")
     _common(imp)
     _common(data_sub.add_parser("synth", help="generate synthetic drifting data (same as `data import synth`)"))
     _common(data_sub.add_parser("status", help="list shards: consumed, new, quarantined"))
@@ -96,7 +115,35 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
     if getattr(args, "store", None):
         overrides.append(f"store.uri={args.store}")
-    return load_config(args.config or (DEMO_CONFIG if args.command == "demo" else None), overrides)
+    cfg = load_config(args.config or (DEMO_CONFIG if args.command == "demo" else None), overrides)
+    return _with_table_args(cfg, args) if getattr(args, "dataset", None) == "table" else cfg
+
+
+def _pairs(option: str, items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        ours, sep, theirs = item.partition("=")
+        if not sep or not ours.strip() or not theirs.strip():
+            raise ValueError(f"{option} {item!r}: use {option} OURS=YOURS, e.g. {option} item_id=sku")
+        out[ours.strip()] = theirs.strip()
+    return out
+
+
+def _with_table_args(cfg: Config, args: argparse.Namespace) -> Config:
+    """`data import table`'s options over the config's `table` section (lists add to it, mappings override keys)."""
+    raw = cfg.to_dict()
+    t = raw["table"]
+    t["interactions"] += args.interactions
+    t["catalog"] += args.catalog
+    t["columns"].update(_pairs("--map", args.map))
+    t["catalog_columns"].update(_pairs("--catalog-map", args.catalog_map))
+    for name in ("format", "delimiter", "encoding", "timestamp_unit", "genres_separator"):
+        if getattr(args, name) is not None:
+            t[name] = getattr(args, name)
+    for name in ("positive_events", "negative_events"):
+        if getattr(args, name) is not None:
+            t[name] = [e.strip() for e in getattr(args, name).split(",") if e.strip()]
+    return config_from_dict(raw, source="--config and the import options")
 
 
 def _check(args, cfg: Config) -> None:

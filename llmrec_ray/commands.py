@@ -11,7 +11,9 @@ import time
 from typing import Callable
 
 from llmrec_ray.config import Config
+from llmrec_ray.catalog import catalog_version
 from llmrec_ray.datasets.movielens import import_movielens
+from llmrec_ray.datasets.table import import_table, write_report
 from llmrec_ray.datasets.synth import generate_synth
 from llmrec_ray.ledger import Ledger
 from llmrec_ray.registry import Registry, RegistryError, model_prefix
@@ -29,21 +31,39 @@ def _print(obj) -> None:
 
 def cmd_data(args, cfg: Config) -> int:
     store = Store.from_config(cfg.store)
+    if args.data_command == "import" and args.dataset == "table":
+        return _import_table(cfg, store)
     if args.data_command in ("import", "synth"):
         dataset = "synth" if args.data_command == "synth" else args.dataset
         report = (import_movielens if dataset == "movielens" else generate_synth)(cfg, store)
         print(f"imported {dataset}: {report.num_rows:,} rows in {report.num_shards} shards, {report.num_items:,} items, "
               f"{report.seconds:.1f} s ({report.num_rows / max(report.seconds, 1e-9):,.0f} rows/s) -> {store.uri}")
         return 0
-    ledger = Ledger(store)
+    ledger = Ledger(store, cfg.data.hold_unknown_items_s)
     ledger.refresh()
     if args.data_command == "status":
         for s in ledger.shards():
             print(f"{s.key}  rows={s.num_rows:>6}  consumed_by={','.join(s.consumed_by) or '-'}")
+        held = ledger.held()
+        for key, h in held.items():
+            print(f"{key}  rows={h['num_rows']:>6}  HELD since {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(h['since']))} "
+                  f"UTC: {h['unknown_rows']} rows name items not in the catalogue yet (e.g. {h['examples'][:3]})")
         quarantined = store.list("quarantine", suffix=".report.json")
-        print(f"{len(ledger.shards())} shards, {len(quarantined)} quarantined")
+        print(f"{len(ledger.shards())} shards, {len(held)} held (waiting for a catalogue update), "
+              f"{len(quarantined)} quarantined; catalogue version {catalog_version(store)}")
         return 0
     return _ingest_preview(args, cfg, store, ledger)
+
+
+def _import_table(cfg: Config, store: Store) -> int:
+    report = import_table(cfg, store)
+    for line in report.lines():
+        print(line)
+    key = write_report(store, report)
+    print(f"imported your table in {report.seconds:.1f} s -> {store.uri} (report: {store.key_uri(key)})")
+    if report.shards_written:
+        print("next: llmrec data status   |   llmrec round (or llmrec run --rounds K) on the new shards")
+    return 0
 
 
 def _ingest_preview(args, cfg: Config, store: Store, ledger: Ledger) -> int:
@@ -73,7 +93,7 @@ def cmd_train(args, cfg: Config) -> int:
     parent = registry.promoted_version() if args.init_from == "promoted" else None
     if args.init_from not in ("promoted", "backbone"):  # its form was checked by cli._check
         parent = registry.show(args.init_from)["version"]  # RegistryError names the known versions
-    ledger = Ledger(store)
+    ledger = Ledger(store, cfg.data.hold_unknown_items_s)
     ledger.refresh()  # the first write: after every check
     learned = registry.trained_shards(parent)
     new = [s for s in ledger.new_shards(registry.lineage_of_promoted()) if s.key not in learned][: args.shards]

@@ -42,7 +42,7 @@ class StoreConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["movielens", "synth"] = "movielens"
+    dataset: Literal["movielens", "synth", "table"] = "movielens"  # table: your own files (section `table`)
     shard_period_days: int = Field(7, ge=1)  # one shard per period of this many days
     like_threshold: float = 4.0  # explicit ratings >= this are label 1 ("liked")
     history_len: int = Field(10, ge=0)  # items of the user's past shown to the model
@@ -50,12 +50,30 @@ class DataConfig(_Section):
     negatives_per_positive: int = Field(1, ge=0)  # sampled negatives, for positive-only (implicit) data
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # the latest fraction of new rows (by time) validates
     max_rows_per_round: Optional[int] = Field(None, ge=1)  # cap on new training rows (demo / CPU sizing)
+    # a new shard naming items the catalogue lacks waits this long for a catalogue update, then is quarantined
+    hold_unknown_items_s: float = Field(86400.0, ge=0.0)
     first_round_shards: int = Field(4, ge=1)  # the first round learns this many of the oldest shards
     shards_per_round: int = Field(1, ge=1)  # each incremental round learns this many new shards
     # Ray Data shuffle behind the per-user groupby: "hash" (Ray's default; aggregator actors) or "sort"
     # (tasks: slower from cold, about equal on 1 M events here). Figures: README, benchmarks/bench_data.py
     shuffle: Literal["hash", "sort"] = "hash"
     seed: int = 0
+
+
+class TableConfig(_Section):
+    """`llmrec data import table`: your own interaction log and catalogue (llmrec_ray/datasets/table.py)."""
+    interactions: list[str] = []  # files, directories or globs: local paths or s3://bucket/key
+    catalog: list[str] = []  # catalogue files (upserted into the store's catalogue)
+    format: Literal["auto", "csv", "parquet", "jsonl"] = "auto"  # auto: from each file's extension
+    delimiter: str = ","  # CSV
+    encoding: str = "utf-8"  # CSV and JSON Lines
+    columns: dict[str, str] = {}  # interactions: our column -> your column (user_id, item_id, timestamp, rating, event, label, context)
+    catalog_columns: dict[str, str] = {}  # catalogue: our column -> yours (item_id, title, genres, description, year)
+    timestamp_unit: Literal["auto", "s", "ms", "us", "iso"] = "auto"  # auto: numbers by size, strings as ISO-8601
+    positive_events: list[str] = []  # event values that mean "liked" (label 1), e.g. purchase, click
+    negative_events: list[str] = []  # event values that mean "not liked" (label 0), e.g. impression, skip
+    genres_separator: Optional[str] = None  # split your category text on this into "|"-separated genres
+    chunk_rows: int = Field(500_000, ge=1)  # rows read at a time: memory stays bounded whatever the file size
 
 
 class SynthConfig(_Section):
@@ -189,6 +207,7 @@ class Config(_Section):
     store: StoreConfig = StoreConfig()
     data: DataConfig = DataConfig()
     synth: SynthConfig = SynthConfig()
+    table: TableConfig = TableConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()

@@ -55,7 +55,7 @@ def run_continuous(cfg: Config, store: Store, stop: Optional[StopFlag] = None,
     round_fn = round_fn or run_round
     stop = stop or StopFlag()
     stop.install()
-    ledger, registry, reports = Ledger(store), Registry(store), []
+    ledger, registry, reports = Ledger(store, cfg.data.hold_unknown_items_s), Registry(store), []
     rejected_at: Optional[int] = None  # new-shard count when the gate last rejected: wait for more data
     print(f"continuous: watching {store.uri} every {cfg.continuous.poll_interval_s:g} s (SIGTERM stops cleanly)")
     while not stop.is_set():

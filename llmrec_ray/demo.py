@@ -26,7 +26,7 @@ from llmrec_ray.pipeline import RoundReport, run_round
 from llmrec_ray.registry import Registry
 from llmrec_ray.report import write_report
 from llmrec_ray.runtime import ensure_ray
-from llmrec_ray.schema import CATALOG_KEY, load_catalog
+from llmrec_ray.catalog import has_catalog, load_catalog
 from llmrec_ray.serve import run_serve, stop_serve
 from llmrec_ray.store import Store
 
@@ -88,7 +88,7 @@ def run_demo(cfg: Config, rounds: int, log_path: Optional[Path] = None, out_dir:
     started = time.time()
     store = Store.from_config(cfg.store)
     print(f"== llmrec demo: store {store.uri}")
-    if not store.exists(CATALOG_KEY):
+    if not has_catalog(store):
         rep = import_movielens(cfg, store)
         print(f"== imported MovieLens-100K: {rep.num_rows:,} ratings in {rep.num_shards} weekly shards ({rep.seconds:.1f} s)")
     ensure_ray(cfg, log_path)

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 from llmrec_ray.config import Config, config_from_dict
 from llmrec_ray.ids import ItemVocab
 from llmrec_ray.model import encode_inputs
-from llmrec_ray.schema import CATALOG_KEY, load_catalog
+from llmrec_ray.catalog import load_catalog
 from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_texts
 
 EXAMPLE_COLUMNS = ["user_id", "item_id", "timestamp", "label", "candidate_text", "history_text", "is_replay",
@@ -98,7 +98,7 @@ def examples_from_events(cols: dict, texts: dict, history_len: int, negatives: i
     missing = sorted(set(np.unique(items).tolist()) - texts.keys())
     if missing:
         raise ValueError(f"events reference item ids not in the catalogue: {missing[:5]}; run Ledger.refresh() "
-                         f"(it quarantines such shards) or add the items to {CATALOG_KEY}")
+                         "(it holds such shards until a catalogue update adds the items)")
     n = len(ts)
     new_user = np.r_[True, users[1:] != users[:-1]]
     user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))  # first row of the row's user
@@ -194,9 +194,10 @@ def _read_events(store, keys: Sequence[str]) -> pd.DataFrame:
 
 
 def examples_frame(cfg: Config, store, target_keys: Sequence[str], history_keys: Sequence[str] = (),
-                   replay_keys: Sequence[str] = (), max_rows: Optional[int] = None) -> pd.DataFrame:
+                   replay_keys: Sequence[str] = (), max_rows: Optional[int] = None,
+                   catalog_version: Optional[str] = None) -> pd.DataFrame:
     """Pure pandas: the same examples `build_examples` produces, as a DataFrame sorted by time."""
-    catalog = load_catalog(store)
+    catalog = load_catalog(store, version=catalog_version)
     keys = list(dict.fromkeys([*history_keys, *replay_keys, *target_keys]))
     keep, replay = sampling_rates(cfg, store, target_keys, replay_keys, max_rows)
     events = mark_rows(_read_events(store, keys), {store.fs_path(k) for k in target_keys},
@@ -209,11 +210,13 @@ def examples_frame(cfg: Config, store, target_keys: Sequence[str], history_keys:
 
 
 def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys: Sequence[str] = (),
-                   replay_keys: Sequence[str] = (), max_rows: Optional[int] = None):
-    """The Ray Data pipeline: read the shards, flag targets/replay, build examples per user."""
+                   replay_keys: Sequence[str] = (), max_rows: Optional[int] = None,
+                   catalog_version: Optional[str] = None):
+    """The Ray Data pipeline: read the shards, flag targets/replay, build examples per user. catalog_version: the
+    catalogue the texts come from (llmrec_ray/catalog.py; None: the newest)."""
     if not target_keys:
         raise ValueError("build_examples needs at least one target shard")
-    catalog = load_catalog(store)
+    catalog = load_catalog(store, version=catalog_version)
     texts, ids = item_texts(catalog), catalog.index.to_numpy()
     keys = list(dict.fromkeys([*history_keys, *replay_keys, *target_keys]))
     keep, replay = sampling_rates(cfg, store, target_keys, replay_keys, max_rows)

@@ -27,7 +27,7 @@ from llmrec_ray.config import Config
 from llmrec_ray.ids import UNKNOWN, ItemVocab
 from llmrec_ray.model import load_export
 from llmrec_ray.retrieval import ItemIndex, item_table_vectors, model_key, require_hybrid
-from llmrec_ray.schema import load_catalog
+from llmrec_ray.catalog import load_catalog
 from llmrec_ray.store import Store
 from llmrec_ray.text import item_texts
 

@@ -37,6 +37,7 @@ class Periods:
     next: Optional[str] = None  # the shard after `learn`, not yet learned: the gate's period (None: the newest)
     oldest_learned: Optional[str] = None  # the oldest shard the promoted lineage learned: the forgetting check's
     before_oldest: list[str] = field(default_factory=list)  # the shards older than it: its histories
+    catalog_version: Optional[str] = None  # the catalogue the round pinned (llmrec_ray/catalog.py; None: the newest)
 
 
 @dataclass
@@ -56,7 +57,7 @@ def events(store: Store, keys: list[str]) -> pd.DataFrame:
 
 def prequential(cfg: Config, store: Store, texts: dict, promoted: Scorer, periods: Periods) -> dict:
     """The promoted model's pointwise metrics on the round's new data, before it learns it."""
-    frame = examples_frame(cfg, store, periods.learn, history_keys=periods.before)
+    frame = examples_frame(cfg, store, periods.learn, history_keys=periods.before, catalog_version=periods.catalog_version)
     return evaluate_all({"promoted": promoted}, frame, texts, events(store, periods.before), cfg,
                         ranking=False)["promoted"]
 
@@ -74,7 +75,8 @@ def judge(cfg: Config, store: Store, texts: dict, candidate: Scorer, promoted: O
     metrics = {"next": evaluate_all(scorers, _next_period(cfg, store, periods), texts, history, cfg)}
     forgetting = None
     if promoted is not None and periods.oldest_learned:
-        old = examples_frame(cfg, store, [periods.oldest_learned], history_keys=periods.before_oldest)
+        old = examples_frame(cfg, store, [periods.oldest_learned], history_keys=periods.before_oldest,
+                           catalog_version=periods.catalog_version)
         metrics["old"] = evaluate_all({"candidate": candidate, "promoted": promoted}, old, texts, history, cfg,
                                       ranking=False)
         forgetting = metrics["old"]["promoted"]["auc"] - metrics["old"]["candidate"]["auc"]
@@ -84,8 +86,9 @@ def judge(cfg: Config, store: Store, texts: dict, candidate: Scorer, promoted: O
 
 def _next_period(cfg: Config, store: Store, periods: Periods) -> pd.DataFrame:
     if periods.next:
-        return examples_frame(cfg, store, [periods.next], history_keys=periods.before + periods.learn)
-    frame = examples_frame(cfg, store, periods.learn, history_keys=periods.before)
+        return examples_frame(cfg, store, [periods.next], history_keys=periods.before + periods.learn,
+                              catalog_version=periods.catalog_version)
+    frame = examples_frame(cfg, store, periods.learn, history_keys=periods.before, catalog_version=periods.catalog_version)
     return frame[frame["timestamp"] >= frame["timestamp"].quantile(1 - cfg.data.val_fraction)]
 
 

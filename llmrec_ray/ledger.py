@@ -3,9 +3,16 @@
 `ledger.json` (one small object, compare-and-swap writes) holds
     {"shards": {key: {"period": "1997-09-22", "num_rows": 1234, "consumed_by": ["v0002"],
                       "sha256": <hex of the shard's bytes>, "object_version": <store tag, see Store.list_versions>}},
-     "quarantined": {key: {"kind": ..., "problems": [{"reason": ..., "bad_rows": n}], "num_rows": n, ...}}}
+     "quarantined": {key: {"kind": ..., "problems": [{"reason": ..., "bad_rows": n}], "num_rows": n, ...}},
+     "held": {key: {"period": ..., "since": <epoch s>, "unknown_rows": n, "examples": [...], "sha256": ...}}}
 kind: invalid | duplicate_content | duplicate_rows (quarantined when registered), unreadable | changed |
 missing (registered, then broken); each report is also at quarantine/<key>.report.json beside the bytes.
+
+Held shards: a new shard whose only problem is item ids the catalogue lacks waits in place ("held"), since the
+catalogue update that adds them may land after the events (llmrec_ray/catalog.py). Every refresh checks it
+again against the newest catalogue: once covered it is registered as usual; still uncovered after
+`hold_unknown_items_s` (config data.hold_unknown_items_s) it is quarantined. While a shard is held, no shard of
+its period or a later one is new (the stream waits, in time order, instead of learning the future first).
 
 "New" is relative to a lineage (the promoted version and its ancestors): a shard is new while no
 version of that lineage consumed it. So a rollback makes the rolled-back version's shards new again,
@@ -27,13 +34,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from llmrec_ray.schema import (INTERACTIONS_PREFIX, LEDGER_KEY, QUARANTINE_PREFIX, ShardProblem, load_catalog,
+from llmrec_ray.catalog import load_catalog
+from llmrec_ray.schema import (INTERACTIONS_PREFIX, LEDGER_KEY, QUARANTINE_PREFIX, UNKNOWN_ITEMS, ShardProblem,
                                period_of_key, validate_interactions)
 from llmrec_ray.store import ConflictError, Store
 
@@ -92,12 +101,14 @@ def _num_rows(data: bytes) -> int | None:
 
 
 class Ledger:
-    def __init__(self, store: Store):
-        self.store = store
+    def __init__(self, store: Store, hold_unknown_items_s: float = 86400.0):
+        self.store, self.hold_unknown_items_s = store, hold_unknown_items_s
 
     def _read(self) -> tuple[dict, str | None]:
         got = self.store.read_json(LEDGER_KEY)
-        return (got.value or {"shards": {}, "quarantined": {}}), got.etag
+        state = got.value or {"shards": {}, "quarantined": {}}
+        state.setdefault("held", {})  # ledgers written before held shards existed
+        return state, got.etag
 
     # --- refresh: register, verify, quarantine ---------------------------------------------------
     def refresh(self) -> list[dict]:
@@ -124,6 +135,8 @@ class Ledger:
             state["quarantined"][report["shard"]] = report
         for key in [k for k in state["shards"] if k not in listing]:
             reports.append(self._record_missing(state, key))
+        for key in [k for k in state["held"] if k not in listing]:  # deleted while held
+            del state["held"][key]
         unseen = [k for k in listing if k not in state["shards"]]
         for key, version in listing.items():
             entry = state["shards"].get(key)
@@ -160,6 +173,11 @@ class Ledger:
             return [self._quarantine_duplicate(state, key, digest, original, _num_rows(data))]
         state["quarantined"].pop(key, None)  # a new shard under a name that was quarantined before
         table, problems = check_shard_bytes(data, item_ids)
+        if problems and all(p.kind == UNKNOWN_ITEMS for p in problems):
+            held = self._hold(state, key, digest, table.num_rows, problems[0])
+            if held is not None:
+                return [held]
+        state["held"].pop(key, None)
         if problems:
             report = self._quarantine(key, table.num_rows if table is not None else None, problems, "invalid",
                                       sha256=digest)
@@ -190,6 +208,27 @@ class Ledger:
                                        "duplicate_rows_dropped": dropped}
         known[digest] = known[sha256_hex(unique_bytes)] = unique_key
         return [report]
+
+    def _hold(self, state: dict, key: str, digest: str, num_rows: int, problem: ShardProblem) -> dict | None:
+        """Hold a shard that waits for a catalogue update (the report), or None when it waited too long: the
+        problem's reason then says so and the caller quarantines it."""
+        held = state["held"].get(key)
+        now = time.time()
+        since = held["since"] if held and held.get("sha256") == digest else now
+        limit = self.hold_unknown_items_s
+        if now - since >= limit:
+            problem.reason += (f"; held {now - since:.0f} s waiting for a catalogue update, the limit is {limit:g} s "
+                               "(data.hold_unknown_items_s)")
+            return None
+        entry = {"period": period_of_key(key), "since": since, "num_rows": num_rows, "unknown_rows": problem.bad_rows,
+                 "examples": list(problem.examples), "sha256": digest}
+        if held != entry:
+            state["held"][key] = entry
+        if held is None:
+            print(f"ledger: holding {key}: {problem.bad_rows} rows name items not in the catalogue yet (e.g. "
+                  f"{list(problem.examples)[:3]}); it waits for a catalogue update, at most {limit:g} s")
+        return {"shard": key, "kind": "held", "num_rows": num_rows, **entry,
+                "problems": [{"reason": problem.reason, "bad_rows": problem.bad_rows}]}
 
     def _quarantine_duplicate(self, state: dict, key: str, digest: str, original: str, num_rows: int | None,
                               how: str = "byte-identical") -> dict:
@@ -255,8 +294,15 @@ class Ledger:
     def quarantined(self) -> dict[str, dict]:
         return self._read()[0]["quarantined"]
 
+    def held(self) -> dict[str, dict]:
+        """Shards waiting for a catalogue update: key -> {"period", "since", "unknown_rows", "examples", ...}."""
+        return self._read()[0]["held"]
+
     def new_shards(self, lineage: set[str]) -> list[ShardInfo]:
-        return [s for s in self.shards() if not set(s.consumed_by) & set(lineage)]
+        """Shards no version of `lineage` consumed, oldest first, before the period of the oldest held shard."""
+        held = [h["period"] for h in self.held().values()]
+        wall = min(held) if held else None
+        return [s for s in self.shards() if not set(s.consumed_by) & set(lineage) and (wall is None or s.period < wall)]
 
     def etag(self) -> str | None:
         """The ledger's current version tag: pass it to commit() to fail if anyone wrote since."""

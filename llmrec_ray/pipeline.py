@@ -40,7 +40,8 @@ from llmrec_ray.item_index import index_builder
 from llmrec_ray.ledger import Ledger
 from llmrec_ray.registry import PromotionConflict, Registry, model_prefix
 from llmrec_ray.report import write_report
-from llmrec_ray.schema import load_catalog, period_of_key
+from llmrec_ray.catalog import catalog_version, load_catalog
+from llmrec_ray.schema import period_of_key
 from llmrec_ray.store import Store
 from llmrec_ray.text import item_texts
 from llmrec_ray.train import TrainResult, train_candidate
@@ -66,6 +67,7 @@ class RoundReport:
     train_seconds: float = 0.0
     round_seconds: float = 0.0
     eval_period: Optional[str] = None
+    catalog_version: Optional[str] = None  # the catalogue the round read (llmrec_ray/catalog.py)
     metrics: dict = field(default_factory=dict)  # {"prequential": {...}, "next": {name: {...}}, "old": {...}}
     stage_seconds: dict = field(default_factory=dict)  # wall time of each step run (STEPS)
 
@@ -131,7 +133,7 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
     """One round, step by step (STEPS). train_fn: train_candidate's signature (tests pass a fast fake)."""
     report = RoundReport()
     steps = _Steps(report, fail_at, progress, desc)
-    ledger, registry = Ledger(store), Registry(store, cfg.registry.keep_versions)
+    ledger, registry = Ledger(store, cfg.data.hold_unknown_items_s), Registry(store, cfg.registry.keep_versions)
     with steps("prepare"):
         ledger.refresh()
         reconcile(ledger, registry)
@@ -140,7 +142,9 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
         periods = chosen.periods
         if periods is not None:
             report.round_shards, report.eval_period = periods.learn, periods.next
-            texts = item_texts(load_catalog(store))
+            # pinned for the whole round (ingest, training, judging): an update landing meanwhile waits for the next
+            periods.catalog_version = report.catalog_version = catalog_version(store)
+            texts = item_texts(load_catalog(store, version=periods.catalog_version))
             promoted = model_scorer(registry.model_dir(parent, _cache_dir(store))) if parent else None  # loaded once
     if periods is None:  # nothing to learn now: the round ends before its first step
         report.decision, report.reason = chosen.decision, chosen.reason
@@ -155,7 +159,8 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
         with steps("train"):
             result = (train_fn or train_candidate)(cfg, store, periods.learn, periods.before, chosen.replay,
                                                    store.key_uri(model_prefix(parent)) if parent else None,
-                                                   f"round-{parent or 'base'}-{period_of_key(periods.learn[0])}-{int(time.time())}")
+                                                   f"round-{parent or 'base'}-{period_of_key(periods.learn[0])}-{int(time.time())}",
+                                                   catalog_version=periods.catalog_version)
             report.num_train_rows = int(result.metrics.get("num_train_rows", 0))
             report.train_seconds = float(result.metrics.get("train_seconds", 0.0))
         with steps("evaluate"):
@@ -210,6 +215,12 @@ def select_shards(cfg: Config, ledger: Ledger, registry: Registry, parent: Optio
     lineage = registry.lineage(parent) if parent else set()
     new = ledger.new_shards(lineage)
     if not new:
+        held = ledger.held()
+        if held:
+            key, h = min(held.items(), key=lambda kv: kv[1]["period"])
+            return Selection(None, decision="waiting", reason=f"{key} is held: {h['unknown_rows']} rows name items not "
+                             f"in the catalogue yet (e.g. {h['examples'][:3]}); rounds go on once a catalogue update adds "
+                             "them or the shard is quarantined (data.hold_unknown_items_s)")
         return Selection(None, decision="nothing new", reason="no new shards")
     take = cfg.data.shards_per_round if parent else cfg.data.first_round_shards
     rejected = _rejected_shard_lists(registry, parent, cfg)
@@ -249,7 +260,7 @@ def _register(cfg: Config, registry: Registry, result: TrainResult, verdict: jud
     return registry.create_version(
         result.export_dir, parent=report.parent, shards=report.round_shards, config=cfg.to_dict(redact=True),
         metrics=_finite(flat), gate={"decision": report.decision, "reason": verdict.reason},
-        extra={"eval": _finite(report.metrics)}, before_upload=index_builder(cfg, registry.store))
+        extra={"eval": _finite(report.metrics), "catalog_version": report.catalog_version}, before_upload=index_builder(cfg, registry.store))
 
 
 def _promote(registry: Registry, report: RoundReport) -> bool:

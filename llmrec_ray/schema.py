@@ -3,7 +3,7 @@
 Interaction shard (Parquet), one row per user event:
     user_id    string   not null   the user's id in the source system
     item_id    string   not null   must exist in the catalogue
-    event      string   not null   "rating" | "click" | "view" | "purchase" | "impression"
+    event      string   not null   the event type, e.g. "rating" | "click" | "view" | "purchase" | "impression"
     rating     float32  nullable   the explicit rating, when the event is a rating
     label      int8     not null   1 = the user liked / engaged, 0 = did not (the training target)
     timestamp  int64    not null   seconds since the Unix epoch (UTC)
@@ -18,8 +18,8 @@ Item catalogue (Parquet), one row per item:
     first_seen   int64   nullable   first interaction timestamp (new items appear over time)
 
 Store layout (keys relative to the store root):
-    catalog/items.parquet
-    interactions/period=YYYY-MM-DD/part-00000.parquet   (period = first day of the shard's period)
+    catalog/items.parquet  +  catalog/updates/*.parquet    (the catalogue and its upserts: llmrec_ray/catalog.py)
+    interactions/period=YYYY-MM-DD/part-*.parquet        (period = first day of the shard's period)
     quarantine/<shard key>  +  quarantine/<shard key>.report.json
     ledger.json             which shards exist and which model versions consumed them
     registry/...            model versions and the promoted pointer (llmrec_ray/registry.py)
@@ -30,7 +30,6 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -49,15 +48,7 @@ CATALOG_KEY = "catalog/items.parquet"
 INTERACTIONS_PREFIX = "interactions"
 QUARANTINE_PREFIX = "quarantine"
 LEDGER_KEY = "ledger.json"
-
-
-def load_catalog(store, columns: list[str] | None = None) -> pd.DataFrame:
-    """The item catalogue of a store (llmrec_ray.store.Store), indexed by item_id; ValueError naming the fix if there
-    is none. `columns`: only these (item_id is always read)."""
-    if not store.exists(CATALOG_KEY):
-        raise ValueError(f"no catalogue at {store.key_uri(CATALOG_KEY)}; import data first (llmrec data import ...)")
-    wanted = None if columns is None else ["item_id", *(c for c in columns if c != "item_id")]
-    return store.read_table(CATALOG_KEY, columns=wanted).to_pandas().set_index("item_id")
+UNKNOWN_ITEMS = "unknown_items"  # ShardProblem.kind
 
 
 def shard_key(period_start: dt.date, part: int = 0) -> str:
@@ -78,6 +69,8 @@ class ShardProblem:
 
     reason: str
     bad_rows: int  # rows affected (all rows when the whole shard is unusable)
+    kind: str = "invalid"  # UNKNOWN_ITEMS: only items missing from the catalogue (the ledger may hold the shard)
+    examples: tuple = ()  # a few offending values
 
 
 def validate_interactions(table: pa.Table, known_item_ids: set[str] | None) -> list[ShardProblem]:
@@ -106,9 +99,9 @@ def validate_interactions(table: pa.Table, known_item_ids: set[str] | None) -> l
         unknown = pc.sum(unknown_mask).as_py() or 0
         if unknown:
             examples = pc.filter(table.column("item_id"), unknown_mask).unique()[:5].to_pylist()
-            problems.append(
-                ShardProblem(f"{unknown} rows have item ids not in the catalogue (e.g. {examples}); add them to {CATALOG_KEY}", unknown)
-            )
+            problems.append(ShardProblem(f"{unknown} rows have item ids not in the catalogue (e.g. {examples}); add them "
+                                         "with a catalogue update (llmrec data import table --catalog FILE)", unknown,
+                                         UNKNOWN_ITEMS, tuple(examples)))
     return problems
 
 

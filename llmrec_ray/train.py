@@ -49,7 +49,8 @@ class CollabStage:
     report: dict
 
 
-def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri: Optional[str], run_name: str) -> CollabStage:
+def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri: Optional[str], run_name: str,
+                     catalog_version: Optional[str] = None) -> CollabStage:
     """The hybrid's collaborative part for one round, on the driver (seconds): warm-start from the promoted
     version's tables (known ids keep their rows, new ids are appended), then fit on every event of
     `history_keys` with its own earlier history, and stage the result in the store for the workers."""
@@ -63,7 +64,7 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
                 (local / name).write_bytes(store.read_bytes(f"{prefix}/{name}"))
         if all((local / name).exists() for name in COLLAB_FILES):  # else a text-only parent: the tables start fresh
             previous = load_collab(local)
-    frame = ingest.examples_frame(cfg, store, history_keys)
+    frame = ingest.examples_frame(cfg, store, history_keys, catalog_version=catalog_version)
     net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim)
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
@@ -84,12 +85,16 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
 
 
 def train_candidate(cfg: Config, store, targets: list[str], older: list[str], replay: list[str],
-                    init_model_uri: Optional[str], run_name: str, max_rows: Optional[int] = None) -> TrainResult:
+                    init_model_uri: Optional[str], run_name: str, max_rows: Optional[int] = None,
+                    catalog_version: Optional[str] = None) -> TrainResult:
     """The one training recipe (round, `llmrec train`, benchmarks): for model.kind=hybrid the collaborative stage
-    on the driver, then Ray Data examples of `targets` (+ replay of `replay`) -> tokens -> Ray Train + DeepSpeed."""
-    stage = fit_round_collab(cfg, store, older + targets, init_model_uri, run_name) if cfg.model.kind == "hybrid" else None
+    on the driver, then Ray Data examples of `targets` (+ replay of `replay`) -> tokens -> Ray Train + DeepSpeed.
+    catalog_version: the catalogue the item texts come from (None: the newest)."""
+    stage = (fit_round_collab(cfg, store, older + targets, init_model_uri, run_name, catalog_version)
+             if cfg.model.kind == "hybrid" else None)
     ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=replay,
-                               max_rows=max_rows if max_rows is not None else cfg.data.max_rows_per_round)
+                               max_rows=max_rows if max_rows is not None else cfg.data.max_rows_per_round,
+                               catalog_version=catalog_version)
     tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None)
     train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
     return run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store, collab_uri=stage.uri if stage else None,

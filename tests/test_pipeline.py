@@ -27,7 +27,7 @@ SMALL = ["synth.num_users=40", "synth.num_items=30", "synth.num_events=1600", "s
          "model.backbone=tiny", "model.max_seq_len=32", "eval.max_rows=60", "eval.num_negatives=9"]
 
 
-def fake_train(cfg, store, targets, older, replay, init_uri, run_name):
+def fake_train(cfg, store, targets, older, replay, init_uri, run_name, catalog_version=None):
     model, tokenizer = build_model(cfg.model)
     out = save_export(model, tokenizer, cfg, Path(tempfile.mkdtemp()) / "model")
     return TrainResult(out, {"num_train_rows": 10, "train_seconds": 0.1, "best_val_loss": 0.69}, None)
@@ -206,7 +206,7 @@ def test_registration_builds_the_versions_item_index(tmp_path):
     from llmrec_ray.ids import ItemVocab
     from llmrec_ray.item_index import index_builder, load_index
     from llmrec_ray.model import HybridScorer
-    from llmrec_ray.schema import load_catalog
+    from llmrec_ray.catalog import load_catalog
 
     cfg, store = _store("file", tmp_path)
     catalog_ids = list(load_catalog(store, ["title"]).index)

@@ -715,7 +715,7 @@ def test_recommend_in_two_stages_with_the_versions_own_index(serve_env):
     from llmrec_ray.item_index import build_index, load_index, save_index
     from llmrec_ray.model import load_export
     from llmrec_ray.retrieval import user_vectors
-    from llmrec_ray.schema import load_catalog
+    from llmrec_ray.catalog import load_catalog
     from llmrec_ray.serve import APP_NAME, build_app
     from llmrec_ray.text import history_text, item_texts
 
@@ -755,5 +755,104 @@ def test_recommend_in_two_stages_with_the_versions_own_index(serve_env):
         assert not set(exhaustive) <= set(shortlist), (exhaustive, shortlist)
         probs = [i["probability"] for i in r.json()["items"]]
         assert probs == sorted(probs, reverse=True)
+    finally:
+        serve.delete(APP_NAME)
+
+
+def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_path):
+    """A catalogue update while Serve runs: an item no model saw (new id, new title) is a 422 before it and answered
+    200, scored from its text, after it, with no reload and no failed request across the swap; the Scorer's item index
+    grows to hold it, so /v1/recommend's retrieval stage ranks it by its text vector."""
+    import pandas as pd
+    from ray import serve
+
+    from llmrec_ray.catalog import write_catalog
+    from llmrec_ray.config import config_from_dict
+    from llmrec_ray.item_index import index_builder, load_index
+    from llmrec_ray.model import load_export
+    from llmrec_ray.retrieval import user_vectors
+    from llmrec_ray.serve import APP_NAME, build_app
+    from llmrec_ray.store import Store
+    from llmrec_ray.text import item_text
+
+    d = serve_env["cfg"].to_dict()
+    d["store"]["uri"] = f"file://{tmp_path / 'store'}"  # its own store: the module's catalogue stays at 30 items
+    d["serve"].update(max_pool=40, rerank_n=1)  # k=1: the answer is the index's best item, reranked with the unindexed
+    cfg = config_from_dict(d)
+    store = Store.from_config(cfg.store)
+    _write_catalog(store)
+    export = _write_export(store, cfg, "v0001", -1.0, tmp_path)
+    index_builder(cfg, store)(export, "v0001")
+    store.upload_dir(export, model_prefix("v0001"))
+    _promote(store, "v0001", ["v0001"])
+    new = {"item_id": "n1", "title": "Qwzx Blorp (2031)", "genres": "Comedy", "description": "a heist on the moon"}
+    url = serve_env["url"]
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    try:
+        r = _post(url, "/v1/score", {"history": [], "candidates": ["n1"]})
+        assert r.status_code == 422 and "unknown item id 'n1'" in r.json()["error"], r.text
+        info = requests.get(url + "/v1/model", timeout=10).json()
+        assert (info["catalog_version"], info["index_catalog_version"], info["index_items"]) == ("base", "base", 30), info
+
+        # (c) a client scores known items all along, across the catalogue swap in the Api and the index growth
+        stop, codes = threading.Event(), []
+
+        def client():
+            with requests.Session() as s:
+                while not stop.is_set():
+                    try:
+                        codes.append(s.post(url + "/v1/score", json={"history": ["1"], "candidates": ["2", "3"]},
+                                            timeout=30).status_code)
+                    except requests.RequestException as exc:
+                        codes.append(repr(exc))
+
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+            time.sleep(1.0)
+            before = len(codes)
+            key = write_catalog(store, pd.DataFrame([new])).key
+            assert key is not None
+            deadline = time.time() + 30  # (a) answered from the moment the Api reads the new catalogue version
+            while (r := _post(url, "/v1/score", {"history": ["1"], "candidates": ["n1"]})).status_code == 422:
+                assert time.time() < deadline and "'n1'" in r.json()["error"], r.text
+                time.sleep(0.1)
+            assert r.status_code == 200, r.text
+            assert 0.0 < r.json()["scores"][0]["probability"] < 1.0, r.text
+            info = _wait_info(url, lambda i: i["index_catalog_version"] == key)
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            thread.join(60)
+        assert before > 0 and len(codes) > before + 5, (before, len(codes))
+        assert set(codes) == {200}, Counter(codes)
+        assert info["catalog_version"] == key and info["index_items"] == 31, info
+        assert info["reloads"] == 1 and info["version"] == "v0001", info  # grown in place: no model reload
+
+        # (b) the whole pool ranks it
+        r = _post(url, "/v1/recommend", {"history": [], "pool": "all", "k": 31})
+        assert r.status_code == 200, r.text
+        items = {i["item_id"]: i for i in r.json()["items"]}
+        assert len(items) == 31 and items["n1"]["title"] == new["title"] and 0.0 < items["n1"]["probability"] < 1.0
+
+        # (b) only the grown index answers this: with rerank_n=1 the reranker sees the index's best item, plus n1 if
+        # the index lacked it. Pick a history where that would change the answer; the index computed offline agrees.
+        model, tokenizer, mcfg = load_export(export)
+        index = load_index(export, version="v0001", model=model, tokenizer=tokenizer, cfg=mcfg)
+        old_index = load_index(export, version="v0001", model=model)
+        index.add_items(["n1"], [item_text(new["title"], new["genres"], new["description"])], [new["genres"]])
+        for h in map(str, range(1, 31)):
+            user = user_vectors(model, mcfg, [[h]], [[5.0]])
+            best = index.top_n(user, 1, exclude=[[h]])[0].item_ids[0]
+            old_best = old_index.top_n(user, 1, exclude=[[h]])[0].item_ids[0]
+            history = [{"item_id": h, "rating": 5}]
+            scores = _post(url, "/v1/score", {"history": history, "candidates": [old_best, "n1"]}).json()["scores"]
+            ungrown = max(scores, key=lambda s: s["probability"])["item_id"]  # what an index without n1 would answer
+            if ungrown != best:
+                break
+        else:
+            raise AssertionError("no history where the grown index changes the answer: the check cannot tell")
+        r = _post(url, "/v1/recommend", {"history": history, "pool": "all", "k": 1})
+        assert r.status_code == 200 and [i["item_id"] for i in r.json()["items"]] == [best], (h, best, ungrown, r.text)
     finally:
         serve.delete(APP_NAME)
