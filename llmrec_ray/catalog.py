@@ -119,6 +119,6 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> pd.Series:
     """Per row: every column equal, nulls equal to nulls."""
     eq = np.ones(len(a), bool)
     for col in a.columns:
-        eq &= [bool(pd.isna(p) and pd.isna(q)) if pd.isna(p) or pd.isna(q) else p == q
-               for p, q in zip(a[col].tolist(), b[col].tolist())]
+        eq &= np.fromiter((bool(pd.isna(p) and pd.isna(q)) if pd.isna(p) or pd.isna(q) else bool(p == q)
+                           for p, q in zip(a[col].tolist(), b[col].tolist())), bool, count=len(a))
     return pd.Series(eq, index=a.index)
