@@ -2,6 +2,7 @@
 sources), the catalogue as a stream of upserts, and shards held until a catalogue update covers their items."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
@@ -235,3 +236,26 @@ def test_held_shard_is_quarantined_after_the_limit(tmp_path):
     [report] = Ledger(store, 0).refresh()  # the limit has passed
     assert report["kind"] == "invalid" and "data.hold_unknown_items_s" in report["problems"][0]["reason"]
     assert store.exists(f"quarantine/{key}") and not Ledger(store).held()
+
+
+def test_the_readme_worked_example(tmp_path, capsys, monkeypatch):
+    """README 'Use your own data': the shop example, by options and by its config file, then its catalogue update."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # table.yaml names the files relative to the repo root
+    shop = "jobs/examples/shop"
+    by_options = ["data", "import", "table", "--store", str(tmp_path / "a"), "--interactions", f"{shop}/events.csv",
+                  "--catalog", f"{shop}/items.csv", "--map", "user_id=customer", "--map", "item_id=sku",
+                  "--map", "timestamp=event_time", "--map", "event=type", "--positive-events", "purchase",
+                  "--negative-events", "impression", "--catalog-map", "item_id=sku", "--catalog-map", "title=name",
+                  "--catalog-map", "genres=category", "--catalog-map", "description=blurb", "--genres-separator", ";"]
+    assert main(by_options) == 0
+    out = capsys.readouterr().out
+    assert "16 rows read, 13 written in 2 new shards" in out and "rows left out: 3" in out
+    assert main(["data", "import", "table", "--store", str(tmp_path / "b"), "--config", f"{shop}/table.yaml"]) == 0
+    a, b = (Store.from_config(load_config(None, [f"store.uri={tmp_path / n}"]).store) for n in "ab")
+    assert a.list("interactions") == b.list("interactions") and len(a.list("interactions")) == 2
+    assert list(Ledger(a).refresh()[0]["examples"]) == ["K900"]  # held
+    assert main(["data", "import", "table", "--store", str(tmp_path / "a"), "--catalog", f"{shop}/items-update.csv",
+                 *by_options[by_options.index("--catalog-map"):]]) == 0
+    assert Ledger(a).refresh() == [] and len(Ledger(a).shards()) == 2 and not Ledger(a).held()
+    assert load_catalog(a).loc["K900", "title"] == "Camping Kettle 1L"
