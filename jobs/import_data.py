@@ -1,6 +1,9 @@
 """Ray job: import a data set into the store's interaction shards.
 
     ray job submit --working-dir . -- python jobs/import_data.py movielens --config jobs/configs/movielens.yaml
+    ray job submit --working-dir . -- python jobs/import_data.py table --config jobs/examples/shop/table.yaml
+    ray job submit --working-dir . -- python jobs/import_data.py table --interactions s3://bucket/events/ \
+        --catalog s3://bucket/items.parquet --map user_id=customer ...      (README: Use your own data)
     (the data set defaults to the config's data.dataset)
 """
 
