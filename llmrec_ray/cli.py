@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--positive-events", metavar="A,B", help="event values that mean 'liked' (label 1)")
     t.add_argument("--negative-events", metavar="A,B", help="event values that mean 'not liked' (label 0)")
     t.add_argument("--genres-separator", metavar="SEP", help="split the genres/category text on SEP")
+    t.add_argument("--since", metavar="TIME", help="keep events at or after TIME (ISO-8601 or epoch seconds)")
+    t.add_argument("--until", metavar="TIME", help="keep events before TIME")
+    t.add_argument("--sample-users", type=float, metavar="FRACTION", help="keep this fraction of users (repeatable slice)")
+    t.add_argument("--unknown-items", choices=["hold", "drop"],
+                   help="rows naming items the catalogue lacks: hold (default; their shard waits for a catalogue "
+                        "update) or drop (left out, counted)")
     _common(imp)
     _common(data_sub.add_parser("synth", help="generate synthetic drifting data (same as `data import synth`)"))
     _common(data_sub.add_parser("status", help="list shards: consumed, new, quarantined"))
@@ -137,7 +143,8 @@ def _with_table_args(cfg: Config, args: argparse.Namespace) -> Config:
     t["catalog"] += args.catalog
     t["columns"].update(_pairs("--map", args.map))
     t["catalog_columns"].update(_pairs("--catalog-map", args.catalog_map))
-    for name in ("format", "delimiter", "encoding", "timestamp_unit", "genres_separator"):
+    for name in ("format", "delimiter", "encoding", "timestamp_unit", "genres_separator", "since", "until",
+                 "sample_users", "unknown_items"):
         if getattr(args, name) is not None:
             t[name] = getattr(args, name)
     for name in ("positive_events", "negative_events"):

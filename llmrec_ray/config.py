@@ -73,6 +73,12 @@ class TableConfig(_Section):
     positive_events: list[str] = []  # event values that mean "liked" (label 1), e.g. purchase, click
     negative_events: list[str] = []  # event values that mean "not liked" (label 0), e.g. impression, skip
     genres_separator: Optional[str] = None  # split your category text on this into "|"-separated genres
+    since: Optional[str] = None  # keep events at or after this time (ISO-8601 or epoch seconds); None: all
+    until: Optional[str] = None  # keep events before this time; None: all
+    sample_users: float = Field(1.0, gt=0.0, le=1.0)  # keep this fraction of users (by a hash of the id: repeatable)
+    # rows naming items the catalogue lacks: "hold" writes them (their shard waits for a catalogue update); "drop"
+    # leaves them out, counted (a catalogue that will never hold them)
+    unknown_items: Literal["hold", "drop"] = "hold"
     chunk_rows: int = Field(500_000, ge=1)  # rows read at a time: memory stays bounded whatever the file size
 
 

@@ -15,6 +15,7 @@ A row that cannot be used is counted under its reason, with a few examples (BadR
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -151,6 +152,32 @@ def to_events(chunk: pd.DataFrame, cols: dict[str, str], cfg: Config, bad: BadRo
         "context": _text(chunk["context"]) if "context" in chunk else None,
     })
     return out[ok].astype({"user_id": str, "item_id": str, "event": str}).reset_index(drop=True)
+
+
+def time_bound(cfg: TableConfig, name: str) -> Optional[int]:
+    """table.since / table.until as epoch seconds (None: unbounded); ValueError naming the key when it is no time."""
+    value = getattr(cfg, name)
+    if value is None:
+        return None
+    secs, bad = parse_timestamps(pd.Series([value]), "auto")
+    if bad[0]:
+        raise ValueError(f"table.{name}={value!r} is not a time; give ISO-8601 (2024-01-31T00:00:00Z) or epoch seconds")
+    return int(secs[0])
+
+
+def select_rows(events: pd.DataFrame, cfg: TableConfig) -> pd.DataFrame:
+    """The rows inside [table.since, table.until) of the users table.sample_users keeps (a slice to try things on;
+    the same slice every run: users are chosen by a hash of their id)."""
+    keep = np.ones(len(events), bool)
+    since, until = time_bound(cfg, "since"), time_bound(cfg, "until")
+    if since is not None:
+        keep &= events["timestamp"].to_numpy() >= since
+    if until is not None:
+        keep &= events["timestamp"].to_numpy() < until
+    if cfg.sample_users < 1.0:
+        h = pd.util.hash_array(events["user_id"].to_numpy(dtype=object))
+        keep &= h.astype(np.float64) / 2.0**64 < cfg.sample_users
+    return events[keep].reset_index(drop=True)
 
 
 def to_catalog(chunk: pd.DataFrame, cols: dict[str, str], cfg: TableConfig, bad: BadRows) -> pd.DataFrame:

@@ -43,7 +43,8 @@ from tqdm.auto import tqdm
 from llmrec_ray.catalog import CatalogWrite, load_catalog, write_catalog
 from llmrec_ray.config import Config
 from llmrec_ray.datasets import period_start, table_bytes
-from llmrec_ray.datasets.mapping import (REQUIRED, BadRows, check_label_source, mapping, to_catalog, to_events)
+from llmrec_ray.datasets.mapping import (REQUIRED, BadRows, check_label_source, mapping, select_rows, time_bound,
+                                         to_catalog, to_events)
 from llmrec_ray.s3 import make_filesystem
 from llmrec_ray.schema import INTERACTION_SCHEMA, INTERACTIONS_PREFIX
 
@@ -60,6 +61,7 @@ class TableReport:
     rows_already_stored: int = 0  # rows a shard of the same period holds already (a re-import, an overlapping export)
     duplicate_rows: int = 0  # exact duplicates within this import, each kept once
     unknown_item_rows: int = 0  # rows naming items the catalogue lacks: their shards wait for a catalogue update
+    rows_outside_slice: int = 0  # left out by table.since / table.until / table.sample_users
     shards_written: list = dataclasses.field(default_factory=list)
     periods_unchanged: int = 0
     catalog: Optional[CatalogWrite] = None
@@ -78,7 +80,9 @@ class TableReport:
         if self.rows_read:
             out.append(f"interactions: {self.rows_read:,} rows read, {self.rows_written:,} written in "
                        f"{len(self.shards_written)} new shards ({self.periods_unchanged} periods unchanged), "
-                       f"{self.rows_already_stored:,} already in the store, {self.duplicate_rows:,} exact duplicates")
+                       f"{self.rows_already_stored:,} already in the store, {self.duplicate_rows:,} exact duplicates"
+                       + (f", {self.rows_outside_slice:,} outside table.since/until/sample_users"
+                          if self.rows_outside_slice else ""))
         if self.bad.total:
             out += [f"rows left out: {self.bad.total:,}", *self.bad.lines()]
         if self.unknown_item_rows:
@@ -190,6 +194,7 @@ def import_table(cfg: Config, store, progress: bool = True) -> TableReport:
         raise ValueError("nothing to import: give --interactions FILE (and --catalog FILE), or table.interactions / "
                          "table.catalog in the config")
     report = TableReport()
+    time_bound(t, "since"), time_bound(t, "until")  # a bad bound fails before anything is read or written
     if t.catalog:
         import_catalog(cfg, store, report)
     if t.interactions:
@@ -218,7 +223,16 @@ def _spill_interactions(cfg: Config, report: TableReport, known: set, spill: Pat
                 raise ValueError(f"{shown}: none of the first {len(chunk):,} rows is usable; " + "; ".join(
                     f"{k}: {v['rows']:,} rows (e.g. {v['examples']})" for k, v in report.bad.reasons.items())
                     + "; fix the column mapping (--map), --timestamp-unit or the event lists")
-            report.unknown_item_rows += int((~events["item_id"].isin(known)).sum())
+            kept = select_rows(events, cfg.table)
+            report.rows_outside_slice += len(events) - len(kept)
+            events = kept
+            unknown = ~events["item_id"].isin(known).to_numpy()
+            if cfg.table.unknown_items == "drop":
+                report.bad.add(cols["item_id"], "not in the catalogue (table.unknown_items=drop)", unknown,
+                               events["item_id"])
+                events = events[~unknown].reset_index(drop=True)
+            else:
+                report.unknown_item_rows += int(unknown.sum())
             events["_day"] = period_start(events["timestamp"], cfg.data.shard_period_days)
             for day, rows in events.groupby("_day"):
                 folder = spill / f"{int(day)}"
