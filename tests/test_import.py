@@ -259,3 +259,29 @@ def test_the_readme_worked_example(tmp_path, capsys, monkeypatch):
                  *by_options[by_options.index("--catalog-map"):]]) == 0
     assert Ledger(a).refresh() == [] and len(Ledger(a).shards()) == 2 and not Ledger(a).held()
     assert load_catalog(a).loc["K900", "title"] == "Camping Kettle 1L"
+
+
+def test_a_time_window_a_user_sample_and_dropping_unknown_items(tmp_path):
+    events = _events(3)
+    events.loc[events.index[6], "sku"] = "Z9"  # week 2 names an item not in the catalogue
+    ev, cat = _write(events, tmp_path / "e.csv", "csv"), _write(CATALOG, tmp_path / "c.csv", "csv")
+    cfg = _cfg(tmp_path, table=[f'interactions=["{ev}"]', f'catalog=["{cat}"]'])
+    cfg.table.since, cfg.table.until = "2024-01-08", str(T0 + 14 * 86400)  # ISO and epoch: the second week only
+    cfg.table.unknown_items = "drop"
+    report = import_table(cfg, Store.from_config(cfg.store), progress=False)
+    assert report.rows_written == 5 and report.rows_outside_slice == 12 and len(report.shards_written) == 1
+    assert report.bad.reasons["sku: not in the catalogue (table.unknown_items=drop)"]["examples"] == ["Z9"]
+    cfg.table.since, cfg.table.until, cfg.table.unknown_items = None, None, "hold"
+    many = pd.DataFrame({"customer": [f"c{k}" for k in range(40)], "sku": "A1", "event_time": T0, "type": "purchase"})
+    ev = _write(many, tmp_path / "many.csv", "csv")
+    sampled = _cfg(tmp_path, store_uri=tmp_path / "s2", table=[f'interactions=["{ev}"]', f'catalog=["{cat}"]'])
+    sampled.table.sample_users = 0.5
+    import_table(sampled, Store.from_config(sampled.store), progress=False)
+    again = _cfg(tmp_path, store_uri=tmp_path / "s3", table=[f'interactions=["{ev}"]', f'catalog=["{cat}"]'])
+    again.table.sample_users = 0.5
+    import_table(again, Store.from_config(again.store), progress=False)
+    users = [set(_stored_rows(Store.from_config(c.store))["user_id"]) for c in (sampled, again)]
+    assert users[0] == users[1] and 10 < len(users[0]) < 30  # the same users every run, about half of them
+    cfg.table.since = "the day before"
+    with pytest.raises(ValueError, match="table.since='the day before' is not a time"):
+        import_table(cfg, Store.from_config(cfg.store), progress=False)
