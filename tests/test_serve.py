@@ -766,7 +766,7 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
     import pandas as pd
     from ray import serve
 
-    from llmrec_ray.catalog import write_catalog
+    from llmrec_ray.catalog import catalog_bytes, write_catalog
     from llmrec_ray.config import config_from_dict
     from llmrec_ray.item_index import index_builder, load_index
     from llmrec_ray.model import load_export
@@ -811,8 +811,9 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
         try:
             time.sleep(1.0)
             before = len(codes)
-            key = write_catalog(store, pd.DataFrame([new])).key
-            assert key is not None
+            wrote = write_catalog(store, pd.DataFrame([new]))
+            assert wrote.added == 1, wrote
+            key = wrote.key
             deadline = time.time() + 30  # (a) answered from the moment the Api reads the new catalogue version
             while (r := _post(url, "/v1/score", {"history": ["1"], "candidates": ["n1"]})).status_code == 422:
                 assert time.time() < deadline and "'n1'" in r.json()["error"], r.text
@@ -854,5 +855,53 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
             raise AssertionError("no history where the grown index changes the answer: the check cannot tell")
         r = _post(url, "/v1/recommend", {"history": history, "pool": "all", "k": 1})
         assert r.status_code == 200 and [i["item_id"] for i in r.json()["items"]] == [best], (h, best, ungrown, r.text)
+
+        # an update that cannot be read: both sides keep what they serve (and log it), nothing fails ...
+        bad = "catalog/updates/9999999999999-0000000000000000.parquet"
+        store.write_bytes(bad, b"not parquet")
+        time.sleep(4 * POLL_S)
+        assert _post(url, "/v1/score", {"history": ["1"], "candidates": ["n1", "2"]}).status_code == 200
+        info = requests.get(url + "/v1/model", timeout=10).json()
+        assert (info["catalog_version"], info["index_catalog_version"], info["index_items"]) == (key, key, 31), info
+        # ... and the pollers, still alive, take it once it is readable
+        store.write_bytes(bad, catalog_bytes(pd.DataFrame([{**new, "item_id": "n2", "title": "Vrok (2032)"}])))
+        info = _wait_info(url, lambda i: i["catalog_version"] == bad and i["index_catalog_version"] == bad)
+        assert info["index_items"] == 32, info
+        assert _post(url, "/v1/score", {"history": ["1"], "candidates": ["n2"]}).status_code == 200
     finally:
         serve.delete(APP_NAME)
+
+
+def test_catalog_reads_a_catalogue_version_and_pollers_survive_a_failing_step(tmp_path):
+    """Offline: the ingress Catalog is one catalogue version (base + updates), and run_every (both pollers) logs a
+    step that raises and runs it again next time."""
+    import pandas as pd
+
+    from llmrec_ray.catalog import catalog_version, write_catalog
+    from llmrec_ray.config import Config, StoreConfig
+    from llmrec_ray.serve.reload import run_every
+    from llmrec_ray.serve.resolve import Catalog
+    from llmrec_ray.store import Store
+
+    store = Store.from_config(StoreConfig(uri=f"file://{tmp_path}"))
+    _write_catalog(store)
+    base = Catalog.read(store, Config())
+    assert base.version == "base" and len(base.texts) == 30
+    new = {"item_id": "n1", "title": "Qwzx Blorp (2031)", "genres": "Comedy|Sci-Fi", "description": None}
+    key = write_catalog(store, pd.DataFrame([new])).key
+    grown = Catalog.read(store, Config())
+    assert grown.version == key == catalog_version(store) and len(grown.texts) == 31
+    assert grown.texts["n1"] == "Qwzx Blorp (2031) | Comedy, Sci-Fi" and grown.genres["n1"] == {"Comedy", "Sci-Fi"}
+    assert Catalog.read(store, Config(), "base").version == "base" and "n1" not in base.texts  # versions stay whole
+
+    calls, stop = [], threading.Event()
+
+    def step():
+        calls.append(time.time())
+        if len(calls) == 1:
+            raise OSError("the store is down")
+        if len(calls) == 3:
+            stop.set()
+
+    run_every(0.01, stop, [step])
+    assert len(calls) == 3

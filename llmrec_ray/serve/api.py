@@ -4,10 +4,18 @@ asks the Scorer through a bounded queue under a deadline.
 Routes take the typed bodies of schemas.py; the bearer token is a dependency, so it is checked before the body.
 A full Scorer queue, or more candidate rows pending than serve.max_pending_rows per Scorer replica (admission.py),
 is a 503 with Retry-After; a missed deadline (serve.request_timeout_s) a 504.
+
+The catalogue follows the store: a background thread reads the catalogue version every serve.poll_interval_s (one
+listing) and, when it changed, reads the new version whole and swaps `self.catalog` as ONE reference; a request
+reads that reference once, so it resolves against one version. A failed read is logged and the old catalogue keeps
+serving. An item is answerable here from the moment it is in the catalogue: the Scorer scores an item its version
+never saw from its text (reload.py adds it to the item index on its own poll).
 """
 
 import asyncio
 import hmac
+import logging
+import threading
 import time
 from typing import Optional
 
@@ -18,10 +26,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+from llmrec_ray.catalog import catalog_version
 from llmrec_ray.config import Config, config_from_dict
 from llmrec_ray.serve.guard import install as install_guard
 from llmrec_ray.serve.admission import Admission, Overloaded
 from llmrec_ray.serve.metrics import IngressMetrics
+from llmrec_ray.serve.reload import run_every
 from llmrec_ray.serve.resolve import Catalog
 from llmrec_ray.serve.schemas import (Health, ModelInfo, RecommendRequest, RecommendResponse, Recommendation, Score,
                                       ScoreItem, ScoreRequest, ScoreResponse, error_responses)
@@ -29,6 +39,8 @@ from llmrec_ray.store import Store
 
 fastapi_app = FastAPI(title="llmrec-ray", description="LLM-backbone recommender on Ray Serve, hot-swapping the "
                       "promoted model. Errors are {\"error\": \"...\"}; 422s name the field, e.g. candidates[2].text.")
+
+log = logging.getLogger("llmrec.serve")
 
 ROUTES = ("/v1/score", "/v1/recommend", "/v1/model", "/healthz", "/metrics")  # counted by path; anything else: "other"
 
@@ -76,8 +88,28 @@ class Api:
         self.cfg: Config = config_from_dict(cfg_dict)
         self.auth_token = auth_token or None
         self.metrics = IngressMetrics(ROUTES)
-        self.catalog = Catalog.read(Store.from_config(self.cfg.store), self.cfg)
+        self.store = Store.from_config(self.cfg.store)
+        self.catalog = Catalog.read(self.store, self.cfg)  # swapped whole by _follow_catalog; read once per request
         self.admission = Admission(self.cfg.serve.max_pending_rows * scorer_replicas)
+        self._stop = threading.Event()
+        threading.Thread(target=run_every, args=(self.cfg.serve.poll_interval_s, self._stop, [self._follow_catalog]),
+                         daemon=True, name="llmrec-catalog").start()
+
+    def __del__(self):
+        """Ray Serve calls this when the replica shuts down: stop following the catalogue."""
+        stop = getattr(self, "_stop", None)  # None: __init__ failed before it
+        if stop is not None:
+            stop.set()
+
+    def _follow_catalog(self) -> None:
+        """A new catalogue version: read it whole, then swap. A failed read raises (run_every logs it) before the
+        swap, so the old catalogue keeps serving."""
+        version = catalog_version(self.store)
+        old = self.catalog
+        if version is not None and version != old.version:
+            self.catalog = Catalog.read(self.store, self.cfg, version)
+            log.info("llmrec serve: catalogue %s -> %s (%d -> %d items)", old.version, version, len(old.texts),
+                     len(self.catalog.texts))
 
     def _deadline(self) -> float:
         return time.time() + self.cfg.serve.request_timeout_s
@@ -115,7 +147,7 @@ class Api:
     @fastapi_app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True,
                       responses=error_responses(400, 401, 413, 422, 503, 504), dependencies=_TOKEN)
     async def score(self, req: ScoreRequest) -> ScoreResponse:
-        item, keys = self.catalog.score_item(req, self._deadline())
+        item, keys = self.catalog.score_item(req, self._deadline())  # one read of self.catalog
         res = await self._score(item)
         return ScoreResponse(model_version=res["version"],
                              scores=[Score(**k, probability=p) for k, p in zip(keys, res["probs"])])
@@ -123,16 +155,18 @@ class Api:
     @fastapi_app.post("/v1/recommend", response_model=RecommendResponse,
                       responses=error_responses(400, 401, 413, 422, 503, 504), dependencies=_TOKEN)
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
-        item, _ = self.catalog.recommend_item(req, self._deadline())
+        catalog = self.catalog  # once: the pool and the titles of the answer come from one catalogue version
+        item, _ = catalog.recommend_item(req, self._deadline())
         item.shortlist = max(req.k, self.cfg.serve.rerank_n) if self.cfg.serve.rerank_n else None
         res = await self._score(item)
         ranked = sorted(zip(res["ids"], res["probs"]), key=lambda t: -t[1])[:req.k]
         return RecommendResponse(model_version=res["version"], items=[
-            Recommendation(item_id=i, title=self.catalog.titles[i], probability=p) for i, p in ranked])
+            Recommendation(item_id=i, title=catalog.titles[i], probability=p) for i, p in ranked])
 
     @fastapi_app.get("/v1/model", response_model=ModelInfo, responses=error_responses(401, 503, 504), dependencies=_TOKEN)
     async def model_info(self) -> dict:
-        return await self._ask(self.scorer.info.remote(), self._deadline())
+        info = await self._ask(self.scorer.info.remote(), self._deadline())
+        return {**info, "catalog_version": self.catalog.version}
 
     @fastapi_app.get("/healthz", response_model=Health, responses=error_responses(503, 504))
     async def healthz(self) -> Health:

@@ -5,6 +5,7 @@ Each request of a batch is checked and encoded on its own (`model.encode_inputs`
 (`model` module's forward + sigmoid), skipping the rows of requests past their deadline (504).
 """
 
+import copy
 import dataclasses
 import logging
 import shutil
@@ -47,25 +48,44 @@ def load_version(store, prefix: str, version: str, cache_root: Path, quantize: s
         shutil.rmtree(local, ignore_errors=True)
     store.download_dir(prefix, local)
     model, tokenizer, mcfg = load_export(local)
-    index = load_index(local, version=version, model=model) if (local / INDEX_FILE).is_file() else None
+    index = None
+    if (local / INDEX_FILE).is_file():  # with the model attached, so grow_index can add the catalogue's new items
+        # its own tokenizer: the index encodes new items' texts in the poller thread while batches encode requests,
+        # and a fast tokenizer used by two threads at once raises "Already borrowed"
+        index = load_index(local, version=version, model=model, tokenizer=copy.deepcopy(tokenizer), cfg=mcfg)
     return Loaded(quantize_int8(model) if quantize == "int8" else model, tokenizer, version, mcfg, index)
+
+
+def grow_index(index, catalog) -> list[str]:
+    """Index the items of `catalog` (llmrec_ray.catalog.load_catalog with resolve.TEXT_COLUMNS) that `index` lacks:
+    the tables' vector for ids the model knows, else their text's (ItemIndex.add_items, no retrain). Returns the ids
+    added. Searches may run meanwhile; call it from one thread at a time (reload.py holds its lock)."""
+    from llmrec_ray.text import item_texts
+
+    new = [str(i) for i in catalog.index if str(i) not in index]
+    if not new:
+        return []
+    rows = catalog.loc[new]
+    texts = item_texts(rows)  # item_id -> (candidate text, title)
+    return index.add_items(new, [texts[i][0] for i in new], rows["genres"].tolist())
 
 
 def shortlist(state: Loaded, item: ScoreItem) -> ScoreItem:
     """The retrieval stage: the request cut to the `item.shortlist` candidates the version's item index ranks best
-    (the collaborative part's own ranking, exact), plus every candidate the index does not hold (items newer than
-    the version: the scorer ranks them from text). Unchanged without an index or when the pool is short already."""
+    (the collaborative part's own ranking, exact), plus every candidate the index does not hold (catalogue items
+    newer than the version that grow_index has not added yet: the scorer ranks them from text). Unchanged without an
+    index or when the pool is short already."""
     from llmrec_ray.retrieval import user_vectors
 
     n = item.shortlist
     if n is None or state.index is None or len(item.candidate_ids) <= n:
         return item
     ids = item.candidate_ids
-    indexed = [i for i in ids if i is not None and i in state.index]
+    indexed = {i for i in ids if i is not None and i in state.index}  # read once: the index may grow meanwhile
     user = user_vectors(state.model, state.cfg, [[i for i in item.history_ids if i is not None]],
                         [[r for i, r in zip(item.history_ids, item.history_ratings) if i is not None]])
-    chosen = set(state.index.top_n(user, n, allowed=state.index.rows(indexed))[0].item_ids)
-    keep = [k for k, i in enumerate(ids) if i is None or i not in state.index or i in chosen]
+    chosen = set(state.index.top_n(user, n, allowed=state.index.rows(sorted(indexed)))[0].item_ids)
+    keep = [k for k, i in enumerate(ids) if i not in indexed or i in chosen]
     return dataclasses.replace(item, candidate_texts=[item.candidate_texts[k] for k in keep],
                                candidate_ids=[ids[k] for k in keep], shortlist=None)
 

@@ -5,6 +5,11 @@ A version that fails to load or to warm up is refused and the old one keeps serv
 log, in GET /v1/model (without server paths) and in /metrics. It is tried again as soon as the pointer is written
 again (re-promoted after a repair: the pointer's etag changes), else after serve.reload_backoff_s, doubling up to
 serve.reload_backoff_max_s.
+
+The catalogue grows without a reload: after each load, and whenever the catalogue version changes (same poll), the
+served version's item index adds the items it lacks (inference.grow_index), off the request path. A failed growth is
+logged and the index keeps serving as it is (a candidate it lacks still goes to the scorer, which reads its text);
+the next poll tries again.
 """
 
 import logging
@@ -13,11 +18,13 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
+from llmrec_ray.catalog import catalog_version, load_catalog
 from llmrec_ray.config import Config
 from llmrec_ray.registry import PROMOTED_KEY, Registry, model_prefix
-from llmrec_ray.serve.inference import Loaded, load_version, warm_up
+from llmrec_ray.serve.inference import Loaded, grow_index, load_version, warm_up
+from llmrec_ray.serve.resolve import TEXT_COLUMNS
 
 log = logging.getLogger("llmrec.serve")
 
@@ -30,6 +37,17 @@ def without_paths(text: str, roots: list[str]) -> str:
     for root in roots:
         text = text.replace(root.rstrip("/") + "/", "")
     return _PATH.sub(lambda m: ".../" + m.group().rstrip("/").rsplit("/", 1)[-1], text)
+
+
+def run_every(interval_s: float, stop: threading.Event, steps: Sequence[Callable[[], None]]) -> None:
+    """Run each step every interval_s until `stop` is set. A step that raises is logged and runs again next time: a
+    poller never dies."""
+    while not stop.wait(interval_s):
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("llmrec serve: %s failed", getattr(step, "__name__", step))
 
 
 class Reloader:
@@ -54,6 +72,7 @@ class Reloader:
         self.pointer_error: Optional[str] = None  # why the pointer could not be read, if it could not
         self.lineage: list[str] = []
         self.loaded_at: Optional[float] = None
+        self.index_catalog: Optional[str] = None  # the catalogue version state.index holds every item of (None: not yet)
 
     def close(self) -> None:
         """Stop polling and delete the downloaded versions (after a download in progress, for at most 10 s)."""
@@ -83,7 +102,8 @@ class Reloader:
             except Exception as exc:  # refused: the old model keeps serving
                 self._refuse(version, pointer, cur, exc)
                 return False
-            self.state = state  # the swap: one reference
+            index_catalog = self._grow_index(state)  # the catalogue may have grown since the version was registered
+            self.state, self.index_catalog = state, index_catalog  # the swap: one reference (the second is for info)
             self.reloads += 1
             self.lineage, self.loaded_at, self.last_error = lineage, time.time(), None
             if self.refused and self.refused["version"] == version:
@@ -127,13 +147,43 @@ class Reloader:
             return  # refused: tried again once re-promoted (the pointer is rewritten) or after the backoff
         self._try_load(version, ptr.get("model_prefix") or model_prefix(version), list(ptr.get("history") or []), pointer)
 
+    def _grow_index(self, state: Loaded) -> Optional[str]:
+        """Add the catalogue's items that `state.index` lacks; the catalogue version it now holds, or None (no index,
+        no catalogue, or a failure: logged, the index keeps serving as it is). Under self._lock: add_items takes one
+        thread at a time."""
+        if state.index is None:
+            return None
+        store = self.registry.store
+        try:
+            version = catalog_version(store)
+            if version is None:
+                return None
+            t0 = time.time()
+            added = grow_index(state.index, load_catalog(store, TEXT_COLUMNS, version))
+        except Exception:  # the index keeps serving; the next poll tries again
+            log.exception("llmrec serve: could not add the catalogue's new items to the item index of %s (it keeps "
+                          "serving its %d items)", state.version, len(state.index))
+            return None
+        if added:
+            log.info("llmrec serve: item index of %s: %d new item(s) added at catalogue version %s (%.2f s)",
+                     state.version, len(added), version, time.time() - t0)
+        return version
+
+    def follow_catalog(self) -> None:
+        """Grow the served index when the catalogue version changed since it was last grown (one listing when not)."""
+        state = self.state
+        if state is None or state.index is None or catalog_version(self.registry.store) == self.index_catalog:
+            return
+        with self._lock:
+            if self.state is not state or self._stop.is_set():  # a new version was loaded (and grown) meanwhile
+                return
+            grown = self._grow_index(state)
+            if grown is not None:  # else it failed (logged): the index still holds index_catalog; next poll retries
+                self.index_catalog = grown
+
     def poll_forever(self) -> None:
-        """poll_once every serve.poll_interval_s until close()."""
-        while not self._stop.wait(self.cfg.serve.poll_interval_s):
-            try:
-                self.poll_once()
-            except Exception:  # never let the poller die
-                log.exception("llmrec serve: poll failed")
+        """poll_once and follow_catalog every serve.poll_interval_s until close()."""
+        run_every(self.cfg.serve.poll_interval_s, self._stop, [self.poll_once, self.follow_catalog])
 
     def pin(self, version: Optional[str]) -> None:
         """Serve `version` whatever is promoted; None: follow the pointer again."""
@@ -147,12 +197,15 @@ class Reloader:
 
     def info(self) -> dict:
         """GET /v1/model (schemas.ModelInfo)."""
-        served = self.state.version if self.state else None
+        state = self.state
+        served = state.version if state else None
         in_sync = served is not None and served == self.promoted
+        index = state.index if state else None
         return {"version": served, "promoted_version": self.promoted, "in_sync": in_sync, "reason": self._reason(served),
                 "pinned_version": self.pinned, "lineage": self.lineage, "loaded_at": self.loaded_at,
                 "promoted_checked_at": self.promoted_checked_at, "reloads": self.reloads,
-                "failed_loads": self.failed_loads, "last_load_error": self.last_error}
+                "failed_loads": self.failed_loads, "last_load_error": self.last_error,
+                "index_items": None if index is None else len(index), "index_catalog_version": self.index_catalog}
 
     def _reason(self, served: Optional[str]) -> Optional[str]:
         """Why the served version is not the promoted one, in one line (None: they agree)."""

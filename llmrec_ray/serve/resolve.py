@@ -2,17 +2,21 @@
 
 Every problem a valid body can still have (an unknown item id, text over serve.max_text_chars, more items than a
 serve.max_* limit, an empty pool) is a 422 naming the field and the limit.
+
+A `Catalog` is one catalogue version, read whole (llmrec_ray.catalog: the base table plus its updates) and never
+changed: the Api swaps in a new one when the version changes (api.py), and a request reads the reference once.
 """
 
 from typing import Optional, Union
 
-import pyarrow.parquet as pq
 from fastapi import HTTPException
 
+from llmrec_ray.catalog import catalog_version, load_catalog
 from llmrec_ray.config import Config
-from llmrec_ray.schema import CATALOG_KEY
 from llmrec_ray.serve.schemas import Candidate, GenrePool, HistoryItem, RecommendRequest, ScoreItem, ScoreRequest
-from llmrec_ray.text import history_text, item_text
+from llmrec_ray.text import history_text, item_texts
+
+TEXT_COLUMNS = ["title", "genres", "description"]  # the catalogue columns an item's texts are written from (item_texts)
 
 
 def _invalid(message: str) -> HTTPException:
@@ -22,19 +26,21 @@ def _invalid(message: str) -> HTTPException:
 class Catalog:
     """Titles (for histories and answers), candidate texts and genres by item id, and the per-request limits."""
 
-    def __init__(self, titles: dict[str, str], texts: dict[str, str], genres: dict[str, set[str]], cfg: Config):
+    def __init__(self, titles: dict[str, str], texts: dict[str, str], genres: dict[str, set[str]], cfg: Config,
+                 version: Optional[str] = None):
         self.titles, self.texts, self.genres = titles, texts, genres
         self.limits, self.history_len = cfg.serve, cfg.data.history_len
+        self.version = version  # the catalogue version read (llmrec_ray.catalog.catalog_version)
 
     @classmethod
-    def read(cls, store, cfg: Config) -> "Catalog":
-        """The store's catalogue (catalog/items.parquet)."""
-        with store.fs.open_input_file(store.fs_path(CATALOG_KEY)) as f:
-            cols = pq.read_table(f, columns=["item_id", "title", "genres", "description"]).to_pydict()
-        ids = [str(i) for i in cols["item_id"]]
-        rows = list(zip(ids, cols["title"], cols["genres"], cols["description"]))
-        return cls(dict(zip(ids, cols["title"])), {i: item_text(t, g, d) for i, t, g, d in rows},
-                   {i: set(g.split("|")) if isinstance(g, str) else set() for i, _, g, _ in rows}, cfg)
+    def read(cls, store, cfg: Config, version: Optional[str] = None) -> "Catalog":
+        """The store's catalogue at `version` (None: the newest). ValueError naming the fix when there is none."""
+        version = catalog_version(store) if version is None else version
+        frame = load_catalog(store, TEXT_COLUMNS, version)  # pandas only: the ingress replica loads no torch
+        texts = item_texts(frame)  # item_id -> (candidate text, title)
+        genres = {str(i): set(g.split("|")) if isinstance(g, str) else set() for i, g in frame["genres"].items()}
+        return cls({str(i): title for i, (_, title) in texts.items()}, {str(i): text for i, (text, _) in texts.items()},
+                   genres, cfg, version)
 
     def score_item(self, req: ScoreRequest, deadline: float) -> tuple[ScoreItem, list[dict]]:
         """/v1/score: the Scorer's input, and each candidate as the answer names it ({"item_id"} or {"text"})."""

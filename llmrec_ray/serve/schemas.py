@@ -154,6 +154,11 @@ class ModelInfo(BaseModel):
     reloads: int
     failed_loads: int
     last_load_error: Optional[LoadError] = Field(description="the latest refused load; cleared by a successful one")
+    catalog_version: Optional[str] = Field(description="the catalogue version item ids are resolved against (the "
+                                           "ingress follows the store's newest every serve.poll_interval_s)")
+    index_items: Optional[int] = Field(description="items in the served version's item index (null: no index)")
+    index_catalog_version: Optional[str] = Field(description="the catalogue version whose every item the index holds "
+                                                 "(null: no index, or not grown yet); items it lacks are scored from text")
 
 
 class Health(BaseModel):
