@@ -41,13 +41,17 @@ MAX_FIT_ITEMS = 20_000  # known items whose texts are encoded to fit the ridge (
 class TextEncoder:
     """texts -> (N, hidden) float32: mean over real tokens of the text part's last hidden states (frozen).
 
-    Each text is encoded alone (one segment), in batches sorted by length and padded to their longest row."""
+    Each distinct text is encoded once, alone (one segment), in batches sorted by length and padded to their longest
+    row (catalogues repeat texts: 91,803 grocery products have 3,895 distinct "type | category | department" texts)."""
 
     def __init__(self, lm, tokenizer, max_len: int, batch_size: int = 64):
         self.body, self.tokenizer, self.max_len, self.batch_size = lm.base_model, tokenizer, max_len, batch_size
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        texts = list(texts)
+        distinct, inverse = np.unique(np.asarray(list(texts), dtype=object).astype(str), return_inverse=True)
+        return self._encode(distinct.tolist())[inverse.reshape(-1)] if len(distinct) < len(texts) else self._encode(list(texts))
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
         hidden = self.body.config.hidden_size
         out = np.zeros((len(texts), hidden), np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")

@@ -9,7 +9,7 @@ import torch
 from llmrec_ray.collab import CollabNet, predict_logits
 from llmrec_ray.config import load_config
 from llmrec_ray.ids import ItemVocab, history_arrays
-from llmrec_ray.item_index import INDEX_FILE, TextProjection, build_index, load_index, save_index
+from llmrec_ray.item_index import INDEX_FILE, TextEncoder, TextProjection, build_index, load_index, save_index
 from llmrec_ray.model import HybridScorer, build_model, load_export, save_export
 from llmrec_ray.retrieval import ItemIndex, user_vectors
 
@@ -189,3 +189,16 @@ def test_ridge_recovers_a_linear_map_and_reports_its_fit():
     np.testing.assert_allclose(proj(x[:3]), (x[:3] @ w + 3.0), atol=0.05)
     noise = TextProjection.fit(x, rng.standard_normal((400, 5)))
     assert noise.loo_r2 < 0.05 and noise.alpha >= 100.0  # noise: strong shrinkage wins
+
+
+def test_text_encoder_encodes_each_distinct_text_once(export):
+    model, tokenizer, cfg = export
+    encoder = TextEncoder(model.lm, tokenizer, cfg.model.max_seq_len, batch_size=2)
+    seen = []
+    encode = encoder._encode
+    encoder._encode = lambda texts: seen.append(list(texts)) or encode(texts)
+    texts = ["Soft drinks | Grocery", "Ice | Frozen", "Soft drinks | Grocery", "Bread | Pastry", "Ice | Frozen"]
+    out = encoder(texts)
+    assert sorted(seen[0]) == sorted(set(texts))  # three encodings, not five
+    np.testing.assert_array_equal(out[0], out[2])
+    np.testing.assert_allclose(out, encode(texts), atol=1e-5)  # the same vectors as encoding every row
