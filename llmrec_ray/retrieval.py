@@ -102,12 +102,12 @@ class _Columns:
 
 
 def _genre_set(g) -> frozenset:
-    """'Action|Comedy', an iterable of genres, or None -> frozenset."""
-    if g is None or (isinstance(g, float) and g != g):
-        return frozenset()
+    """'Action|Comedy', a list/tuple/set/array of genres, or a missing value (None, NaN, pd.NA) -> frozenset."""
     if isinstance(g, str):
         return frozenset(x for x in g.split("|") if x)
-    return frozenset(str(x) for x in g)
+    if isinstance(g, (list, tuple, set, frozenset, np.ndarray)):
+        return frozenset(str(x) for x in g)
+    return frozenset()
 
 
 class ItemIndex:

@@ -202,3 +202,11 @@ def test_text_encoder_encodes_each_distinct_text_once(export):
     assert sorted(seen[0]) == sorted(set(texts))  # three encodings, not five
     np.testing.assert_array_equal(out[0], out[2])
     np.testing.assert_allclose(out, encode(texts), atol=1e-5)  # the same vectors as encoding every row
+
+
+def test_missing_genres_of_any_kind_are_no_genres():
+    import pandas as pd
+
+    index = ItemIndex(["a", "b", "c", "d"], np.eye(4, dtype=np.float32), version="v0001",
+                      genres=pd.array(["X|Y", pd.NA, None, "Y"], dtype="string").tolist()[:2] + [float("nan"), ["Y"]])
+    assert index.genre_rows("Y").tolist() == [0, 3] and index.genre_rows("X").tolist() == [0]
