@@ -1,17 +1,19 @@
 """CPU inference of the scorer's text part in ONNX Runtime (fp32, ORT's BERT fusions, ORT dynamic int8) vs torch
-fp32 and torch dynamic int8 (serve.quantize=int8), on the quality benchmark's rows. Issue #15; serving is not changed.
+fp32 and torch dynamic int8 (serve.quantize=int8), on the quality benchmark's rows. Issue #15: the plain (unfused)
+QInt8 arm is what serve.quantize=onnx-int8 serves; export, quantisation and the ORT stand-in for `model.lm` are
+llmrec_ray/onnx_text.py's, shared with Serve.
 
     .venv/bin/python benchmarks/bench_onnx.py [--work out/quality] [--model hybrid-1998-04-20] [--threads 2]
 
 Needs: a finished `benchmarks/quality_ml100k.py` run in --work (as bench_inference.py) and
-`pip install onnx onnxruntime` (not project dependencies; onnxscript only for the default exporter). Takes ~12 min on 2 busy cores.
+`pip install -e '.[onnx]'`. Takes ~12 min on 2 busy cores.
 
 What runs: the text part (transformer + classification head -> the lm logit) is exported once with
-torch.onnx.export (TorchScript exporter, dynamic batch and sequence axes, eager attention so ORT's BERT
-optimizer can fuse it), then optimised offline (onnxruntime.transformers.optimizer) and quantised
-(onnxruntime.quantization.quantize_dynamic). Each ORT arm replaces `model.lm` with an ORT session behind the
-same call signature, so every arm is timed through `predict_probs` -- what Serve runs: trim padding, the text
-part, the collaborative part + fusion in torch, sigmoid. Threads: torch.set_num_threads(--threads) and ORT
+torch.onnx.export (llmrec_ray.onnx_text.export_text: TorchScript exporter, dynamic batch and sequence axes, eager
+attention so ORT's BERT optimizer can fuse it), then optimised offline (onnxruntime.transformers.optimizer) and
+quantised (onnx_text.quantize_graph: onnxruntime.quantization.quantize_dynamic). Each ORT arm replaces `model.lm`
+with an ORT session behind the same call signature (onnx_text.with_ort_text), so every arm is timed through
+`predict_probs` -- what Serve runs: trim padding, the text part, the collaborative part + fusion in torch, sigmoid. Threads: torch.set_num_threads(--threads) and ORT
 intra_op_num_threads=--threads. Pairs/s: the first --rows rows of the week in batches of --batch-size, one warm-up
 batch per arm, the arms timed in turn --repeats times (order rotated each round, so other load on the machine hits
 them alike); reported: the best pass, and the median over rounds of the arm's speed-up against torch fp32 in
@@ -28,7 +30,6 @@ import os
 import platform
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -36,73 +37,25 @@ import torch
 from bench_inference import encode  # a script beside it
 from quality_ml100k import OVERRIDES, fast_auc, prepare, split, week_bounds
 from llmrec_ray.config import load_config
-from llmrec_ray.model import HybridScorer, load_export, predict_probs, quantize_int8
+from llmrec_ray.model import load_export, predict_probs, quantize_int8
+from llmrec_ray.onnx_text import export_text, quantize_graph, with_ort_text
 from llmrec_ray.store import Store
-
-TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-class TextLogit(torch.nn.Module):
-    """The text part as HybridScorer.forward uses it: tokens (B, T) -> lm logit (B,)."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.lm(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits.squeeze(-1).float()
-
-
-class OrtText(torch.nn.Module):
-    """An ORT session standing in for `model.lm`: same keyword inputs, returns an object with .logits (B, 1)."""
-
-    def __init__(self, session):
-        super().__init__()
-        self.session = session
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(), "token_type_ids": token_type_ids.numpy()}
-        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feeds)[0]).unsqueeze(-1))
+from llmrec_ray.text import TOKEN_KEYS
 
 
 def export_graphs(lm, graph_dir: Path) -> dict[str, Path]:
     """fp32, BERT-fused fp32 and dynamic int8 (QInt8 / QUInt8 weights, plain and fused) ONNX graphs of the text part."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers import optimizer
 
-    graph_dir.mkdir(parents=True, exist_ok=True)
-    lm = copy.deepcopy(lm).eval()
-    lm.set_attn_implementation("eager")  # SDPA exports as a pattern the BERT optimizer cannot fuse into Attention
-    dummy = tuple(torch.ones(2, 16, dtype=torch.long) for _ in range(2)) + (torch.zeros(2, 16, dtype=torch.long),)
-    axes = {0: "batch", 1: "seq"}
-    fp32 = graph_dir / "text_fp32.onnx"
-    # dynamo=False: the default (torch.export) exporter also works (needs onnxscript) but its graph is not fused
-    # by onnxruntime.transformers.optimizer; the TorchScript one is.
-    torch.onnx.export(TextLogit(lm), dummy, fp32, input_names=list(TOKEN_INPUTS), output_names=["logit"],
-                      dynamic_axes={**{k: axes for k in TOKEN_INPUTS}, "logit": {0: "batch"}}, opset_version=17, dynamo=False)
+    fp32 = export_text(lm, graph_dir / "text_fp32.onnx")  # eager attention: the BERT optimizer can fuse it
     fused = graph_dir / "text_fp32_fused.onnx"
     optimizer.optimize_model(str(fp32), model_type="bert", num_heads=lm.config.num_attention_heads,
                              hidden_size=lm.config.hidden_size).save_model_to_file(str(fused))
     graphs = {"fp32": fp32, "fp32_fused": fused}
     for src in ("fp32", "fp32_fused"):
-        for qtype in (QuantType.QInt8, QuantType.QUInt8):
-            out = graph_dir / f"text_{src}_{qtype.name.lower()}.onnx"
-            # DefaultTensorType: shape inference cannot type the outputs of the fused (com.microsoft) ops
-            quantize_dynamic(graphs[src], out, weight_type=qtype, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-            graphs[f"{src}_{qtype.name.lower()}"] = out
+        for qtype in ("QInt8", "QUInt8"):
+            graphs[f"{src}_{qtype.lower()}"] = quantize_graph(graphs[src], graph_dir / f"text_{src}_{qtype.lower()}.onnx", qtype)
     return graphs
-
-
-def ort_scorer(model, graph: Path, threads: int):
-    """The same hybrid (shared collab part, same fusion) whose text part runs in ORT (CPUExecutionProvider, `threads` intra-op threads)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
-    return HybridScorer(OrtText(session), model.collab, model.vocab, model.fusion_weights()).eval()
 
 
 def score(model, batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +64,7 @@ def score(model, batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     for enc in batches:
         probs.append(predict_probs(model, enc))
         with torch.inference_mode():
-            text.append(model.lm(**{k: torch.from_numpy(enc[k]) for k in TOKEN_INPUTS}).logits.squeeze(-1).float().numpy())
+            text.append(model.lm(**{k: torch.from_numpy(enc[k]) for k in TOKEN_KEYS}).logits.squeeze(-1).float().numpy())
     return np.concatenate(probs), np.concatenate(text)
 
 
@@ -149,12 +102,12 @@ def main() -> None:
     # Arms: torch as today, then ORT graphs of the same weights
     graphs = export_graphs(model.lm, out_dir / "graphs")
     arms = {"torch fp32": model, "torch int8 dynamic (serve.quantize=int8)": quantize_int8(copy.deepcopy(model)),
-            "ORT fp32": ort_scorer(model, graphs["fp32"], args.threads),
-            "ORT fp32, BERT-fused": ort_scorer(model, graphs["fp32_fused"], args.threads),
-            "ORT int8 dynamic (QInt8 weights)": ort_scorer(model, graphs["fp32_qint8"], args.threads),
-            "ORT int8 dynamic (QUInt8 weights)": ort_scorer(model, graphs["fp32_quint8"], args.threads),
-            "ORT int8 dynamic, BERT-fused (QInt8)": ort_scorer(model, graphs["fp32_fused_qint8"], args.threads),
-            "ORT int8 dynamic, BERT-fused (QUInt8)": ort_scorer(model, graphs["fp32_fused_quint8"], args.threads)}
+            "ORT fp32": with_ort_text(model, graphs["fp32"], args.threads),
+            "ORT fp32, BERT-fused": with_ort_text(model, graphs["fp32_fused"], args.threads),
+            "ORT int8 dynamic (QInt8 weights)": with_ort_text(model, graphs["fp32_qint8"], args.threads),
+            "ORT int8 dynamic (QUInt8 weights)": with_ort_text(model, graphs["fp32_quint8"], args.threads),
+            "ORT int8 dynamic, BERT-fused (QInt8)": with_ort_text(model, graphs["fp32_fused_qint8"], args.threads),
+            "ORT int8 dynamic, BERT-fused (QUInt8)": with_ort_text(model, graphs["fp32_fused_quint8"], args.threads)}
     scores = {name: score(m, batches) for name, m in arms.items()}
 
     # Timing: rounds of every arm in turn, order rotated; a round's speed-ups are paired against its own torch fp32

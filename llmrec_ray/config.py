@@ -188,7 +188,7 @@ class ServeConfig(_Section):
     max_pending_rows: int = Field(1024, ge=1)
     retry_after_s: int = Field(1, ge=0)  # the Retry-After header (seconds) on 503 answers
     request_timeout_s: float = Field(120.0, gt=0.0)  # per-request deadline (queue + scoring); past it: 504, its rows skipped
-    quantize: Literal["none", "int8"] = "none"  # int8: dynamic int8 Linear layers in the text part (CPU; benchmarks/bench_inference.py)
+    quantize: Literal["none", "int8", "onnx-int8"] = "none"  # CPU text part: int8 = torch dynamic int8; onnx-int8 = ONNX Runtime int8 (the [onnx] extra)
     forward_rows: int = Field(256, ge=1)  # rows per model forward: bounds activation memory whatever the batch holds
     reload_backoff_s: float = Field(30.0, gt=0.0)  # a refused version is retried after this, doubling; at once if re-promoted
     reload_backoff_max_s: float = Field(600.0, gt=0.0)

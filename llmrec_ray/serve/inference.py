@@ -39,7 +39,10 @@ class Loaded:
 
 def load_version(store, prefix: str, version: str, cache_root: Path, quantize: str = "none") -> Loaded:
     """Download + load one export fully into cache_root/<version>. Raises on any problem.
-    quantize="int8" (serve.quantize): the text part's Linear layers as dynamic int8 (CPU inference)."""
+    quantize (serve.quantize), CPU inference of the text part: "int8" its Linear layers as torch dynamic int8;
+    "onnx-int8" exported to ONNX and quantised (ORT dynamic int8) into cache_root/<version>/onnx, run by ONNX
+    Runtime with torch's thread count (the Scorer sets it from serve.num_cpus_per_replica). The collaborative part,
+    the fusion and the item index's text encoder stay torch fp32."""
     from llmrec_ray.item_index import INDEX_FILE, load_index
     from llmrec_ray.model import load_export, quantize_int8
 
@@ -53,7 +56,17 @@ def load_version(store, prefix: str, version: str, cache_root: Path, quantize: s
         # its own tokenizer: the index encodes new items' texts in the poller thread while batches encode requests,
         # and a fast tokenizer used by two threads at once raises "Already borrowed"
         index = load_index(local, version=version, model=model, tokenizer=copy.deepcopy(tokenizer), cfg=mcfg)
-    return Loaded(quantize_int8(model) if quantize == "int8" else model, tokenizer, version, mcfg, index)
+    if quantize == "int8":
+        model = quantize_int8(model)
+    elif quantize == "onnx-int8":  # after load_index: the index keeps encoding new items' texts with the torch text part
+        import torch
+
+        from llmrec_ray.onnx_text import onnx_int8
+
+        started = time.perf_counter()
+        model = onnx_int8(model, local / "onnx", threads=torch.get_num_threads())
+        log.info("llmrec serve: %s text part exported to ONNX int8 in %.1f s", version, time.perf_counter() - started)
+    return Loaded(model, tokenizer, version, mcfg, index)
 
 
 def grow_index(index, catalog) -> list[str]:
