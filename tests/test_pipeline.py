@@ -127,9 +127,9 @@ def test_report_table_and_plot(tmp_path, approve_all):
 def test_rejected_shards_are_learned_with_the_next_ones_not_retrained_alone(tmp_path, monkeypatch):
     decisions, trained = [], []
 
-    def train(cfg, store, targets, *args):
+    def train(cfg, store, targets, *args, **kwargs):
         trained.append(list(targets))
-        return fake_train(cfg, store, targets, *args)
+        return fake_train(cfg, store, targets, *args, **kwargs)
 
     monkeypatch.setattr(judge, "gate", lambda cfg, cand, prev, forgetting: (decisions.pop(0), "test"))
     cfg, store = _store("file", tmp_path)
@@ -172,7 +172,7 @@ def test_round_that_loses_the_promotion_race_commits_nothing(tmp_path, approve_a
     cfg, store = _store("file", tmp_path)
     parent = pipeline.run_round(cfg, store, train_fn=fake_train).version
 
-    def train_while_another_round_promotes(cfg, store, targets, older, replay, init_uri, run_name):
+    def train_while_another_round_promotes(cfg, store, targets, older, replay, init_uri, run_name, catalog_version=None):
         result = fake_train(cfg, store, targets, older, replay, init_uri, run_name)
         subprocess.run([sys.executable, "-c", RIVAL_ROUND, store.uri, str(result.export_dir), parent, json.dumps(targets)],
                        check=True, timeout=300)
