@@ -2,6 +2,8 @@
 
 Both see exactly the events the language model may see (everything strictly before the evaluated
 period) and answer P(like | user, item); unknown users/items fall back to biases / the global rate.
+A positive-only log (purchases) teaches nothing about "not liked" by itself: the baselines then learn from it with
+sampled negatives (`with_sampled_negatives`), as the model does (llmrec_ray/ingest.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,26 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
+
+
+def with_sampled_negatives(events: pd.DataFrame, item_ids, per_positive: int, seed: int) -> pd.DataFrame:
+    """`events` plus, for each positive, `per_positive` label-0 rows at its time with items its user never touched
+    (drawn from `item_ids`, the catalogue) -- what training and evaluation rows get for a positive-only log.
+    per_positive=0: `events` unchanged."""
+    if not per_positive or events.empty:
+        return events
+    rng = np.random.default_rng(seed)
+    catalogue = np.asarray(item_ids).astype(str)
+    parts = [events]
+    for user, mine in events.groupby("user_id", sort=True):
+        pool = catalogue[~np.isin(catalogue, mine["item_id"].astype(str).unique())]
+        times = mine.loc[mine["label"] == 1, "timestamp"].to_numpy()
+        if not len(pool) or not len(times):
+            continue
+        picks = rng.choice(pool, size=len(times) * per_positive)
+        parts.append(pd.DataFrame({"user_id": user, "item_id": picks, "timestamp": np.repeat(times, per_positive),
+                                   "label": np.int8(0), "rating": np.float32("nan")}))
+    return pd.concat(parts, ignore_index=True).sort_values("timestamp", kind="stable").reset_index(drop=True)
 
 
 class Popularity:

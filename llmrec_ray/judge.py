@@ -19,10 +19,10 @@ from typing import Optional
 
 import pandas as pd
 
-from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity
+from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity, with_sampled_negatives
 from llmrec_ray.config import Config
 from llmrec_ray.evaluate import Scorer, baseline_scorer, evaluate_all
-from llmrec_ray.ingest import examples_frame
+from llmrec_ray.ingest import examples_frame, negatives_for
 from llmrec_ray.store import Store
 
 EVENT_COLUMNS = ["user_id", "item_id", "rating", "label", "timestamp"]
@@ -68,10 +68,13 @@ def judge(cfg: Config, store: Store, texts: dict, candidate: Scorer, promoted: O
     seen = periods.before + periods.learn
     history = events(store, seen)
     log = events(store, seen + [periods.next]) if periods.next else history  # history_lr reads events before each row
+    negatives, ids = negatives_for(cfg, store, seen), list(texts)  # a positive-only log: sampled negatives, as training
+    learn_from = with_sampled_negatives(history, ids, negatives, cfg.data.seed)
     scorers = {"candidate": candidate, "promoted": promoted,
-               "popularity": baseline_scorer(Popularity().fit(history)),
-               "mf": baseline_scorer(BiasedMF().fit(history)),
-               "history_lr": baseline_scorer(HistoryLogistic().fit(history), log)}
+               "popularity": baseline_scorer(Popularity().fit(learn_from)),
+               "mf": baseline_scorer(BiasedMF().fit(learn_from)),
+               "history_lr": baseline_scorer(HistoryLogistic().fit(learn_from),
+                                             with_sampled_negatives(log, ids, negatives, cfg.data.seed + 1))}
     metrics = {"next": evaluate_all(scorers, _next_period(cfg, store, periods), texts, history, cfg)}
     forgetting = None
     if promoted is not None and periods.oldest_learned:
