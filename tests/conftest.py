@@ -108,6 +108,14 @@ def make_store_cfg(kind: str, tmp_path: Path, s3_server: dict | None = None):
                        access_key_id=s3_server["access_key"], secret_access_key=s3_server["secret_key"])
 
 
+@pytest.fixture
+def approve_all(monkeypatch):
+    """The gate promotes every candidate (tests of the round's plumbing, not of the gate)."""
+    from llmrec_ray import judge
+
+    monkeypatch.setattr(judge, "gate", lambda cfg, cand, prev, forgetting: (True, "test: approve"))
+
+
 @pytest.fixture(params=["file", "s3"])
 def store_cfg(request, tmp_path):
     """Each test using it runs twice: on the local file:// store and on the real S3 server."""

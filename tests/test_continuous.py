@@ -7,7 +7,7 @@ from llmrec_ray.config import load_config
 from llmrec_ray.continuous import StopFlag, enough_new_data, run_continuous
 from llmrec_ray.ledger import Ledger
 from llmrec_ray.registry import Registry
-from tests.test_pipeline import _store, approve_all, fake_train  # noqa: F401  (approve_all is a fixture)
+from tests.test_pipeline import _store, fake_train
 
 
 def test_thresholds():

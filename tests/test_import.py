@@ -18,7 +18,7 @@ from llmrec_ray.datasets.table import import_table
 from llmrec_ray.ledger import Ledger
 from llmrec_ray.registry import Registry
 from llmrec_ray.store import Store
-from tests.test_pipeline import approve_all, fake_train  # noqa: F401 (approve_all: a fixture)
+from tests.test_pipeline import fake_train
 
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z, a Monday
 CATALOG = pd.DataFrame({"sku": ["A1", "B2", "C3"], "name": ["Red Running Shoes", "Blue Denim Jacket", "Green Tea"],

@@ -33,11 +33,6 @@ def fake_train(cfg, store, targets, older, replay, init_uri, run_name, catalog_v
     return TrainResult(out, {"num_train_rows": 10, "train_seconds": 0.1, "best_val_loss": 0.69}, None)
 
 
-@pytest.fixture
-def approve_all(monkeypatch):
-    monkeypatch.setattr(judge, "gate", lambda cfg, cand, prev, forgetting: (True, "test: approve"))
-
-
 def _store(kind, tmp_path, s3_server=None):
     cfg = load_config(None, SMALL)
     cfg.store = make_store_cfg(kind, tmp_path, s3_server)
