@@ -36,7 +36,7 @@ COLUMNS = [f.name for f in CATALOG_SCHEMA]
 
 def update_keys(store) -> list[str]:
     """The catalogue's update keys, oldest first (one listing)."""
-    return [k for k in store.list(UPDATES_PREFIX, suffix=".parquet")]
+    return store.list(UPDATES_PREFIX, suffix=".parquet")  # sorted: keys start with the write time
 
 
 def catalog_version(store) -> Optional[str]:
