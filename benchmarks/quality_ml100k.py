@@ -134,6 +134,7 @@ def train_lm(cfg: Config, store, name: str, targets: list[str], older: list[str]
     run_name = f"{name}-{int(started)}"  # a fresh Ray Train run: never resume a killed attempt's checkpoints
     result = train.train_candidate(cfg, store, targets, older, older if init else [], init_uri, run_name, max_rows)
     store.upload_dir(result.export_dir, f"quality/models/{name}")
+    result.discard()
     return {"train_wall_s": time.time() - started, "train_rows": int(result.metrics["num_train_rows"]),
             **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool))}}
 

@@ -108,6 +108,7 @@ def cmd_train(args, cfg: Config) -> int:
         result.export_dir, parent=parent, shards=keys, config=cfg.to_dict(redact=True),
         metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
         gate={"decision": "unevaluated", "reason": "trained by `llmrec train`: no evaluation, no gate"})
+    result.discard()
     print(f"trained {version} from {parent or 'the pretrained backbone'} on {keys}")
     _print({"version": version, "metrics": result.metrics})
     print(f"next: llmrec train --init-from {version}   (continue)   |   llmrec models promote {version}   (serve it)")

@@ -156,19 +156,24 @@ def run_round(cfg: Config, store: Store, fail_at: Optional[str] = None, train_fn
 
     approved = _find_approved(registry, parent, periods.learn)  # a crashed rerun's candidate: promote, not retrain
     if approved is None:
-        with steps("train"):
-            result = (train_fn or train_candidate)(cfg, store, periods.learn, periods.before, chosen.replay,
-                                                   store.key_uri(model_prefix(parent)) if parent else None,
-                                                   f"round-{parent or 'base'}-{period_of_key(periods.learn[0])}-{int(time.time())}",
-                                                   catalog_version=periods.catalog_version)
-            report.num_train_rows = int(result.metrics.get("num_train_rows", 0))
-            report.train_seconds = float(result.metrics.get("train_seconds", 0.0))
-        with steps("evaluate"):
-            verdict = judge.judge(cfg, store, texts, model_scorer(result.export_dir), promoted, periods)
-            report.metrics.update(verdict.metrics)
-            report.decision, report.reason = ("promote" if verdict.promote else "reject"), verdict.reason
-        with steps("register"):
-            report.version = _register(cfg, registry, result, verdict, report)
+        result = None
+        try:
+            with steps("train"):
+                result = (train_fn or train_candidate)(cfg, store, periods.learn, periods.before, chosen.replay,
+                                                       store.key_uri(model_prefix(parent)) if parent else None,
+                                                       f"round-{parent or 'base'}-{period_of_key(periods.learn[0])}-{int(time.time())}",
+                                                       catalog_version=periods.catalog_version)
+                report.num_train_rows = int(result.metrics.get("num_train_rows", 0))
+                report.train_seconds = float(result.metrics.get("train_seconds", 0.0))
+            with steps("evaluate"):
+                verdict = judge.judge(cfg, store, texts, model_scorer(result.export_dir), promoted, periods)
+                report.metrics.update(verdict.metrics)
+                report.decision, report.reason = ("promote" if verdict.promote else "reject"), verdict.reason
+            with steps("register"):
+                report.version = _register(cfg, registry, result, verdict, report)
+        finally:  # registered (or failed): the driver's local copy of the export goes
+            if result is not None:
+                result.discard()
         if not verdict.promote:  # the report says so: decision "reject" and the gate's reason
             return steps.finish()
     else:

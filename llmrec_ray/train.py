@@ -40,6 +40,12 @@ class TrainResult:
     export_dir: Path  # local folder on the driver: the best model as a Hugging Face export
     metrics: dict
     checkpoint_uri: Optional[str]
+    scratch: Optional[Path] = None  # the driver's temporary folder holding export_dir
+
+    def discard(self) -> None:
+        """Remove the driver's local copy once it is registered or uploaded (the run's checkpoints stay in storage)."""
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @dataclass
@@ -57,13 +63,13 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
     started = time.time()
     previous = None
     if init_model_uri:
-        local = Path(tempfile.mkdtemp(prefix="llmrec-collab-init-"))
-        prefix = key_in(store, init_model_uri)
-        for name in COLLAB_FILES:
-            if store.exists(f"{prefix}/{name}"):
-                (local / name).write_bytes(store.read_bytes(f"{prefix}/{name}"))
-        if all((local / name).exists() for name in COLLAB_FILES):  # else a text-only parent: the tables start fresh
-            previous = load_collab(local)
+        with tempfile.TemporaryDirectory(prefix="llmrec-collab-init-") as d:
+            local, prefix = Path(d), key_in(store, init_model_uri)
+            for name in COLLAB_FILES:
+                if store.exists(f"{prefix}/{name}"):
+                    (local / name).write_bytes(store.read_bytes(f"{prefix}/{name}"))
+            if all((local / name).exists() for name in COLLAB_FILES):  # else a text-only parent: the tables start fresh
+                previous = load_collab(local)
     frame = ingest.examples_frame(cfg, store, history_keys, catalog_version=catalog_version)
     net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim)
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
@@ -140,4 +146,4 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
     metrics["num_train_rows"] = num_train_rows
     metrics.update(extra_metrics or {})
     (export_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-    return TrainResult(export_dir / "model", metrics, result.checkpoint.path)
+    return TrainResult(export_dir / "model", metrics, result.checkpoint.path, scratch=export_dir)

@@ -69,15 +69,14 @@ def key_in(store: Store, uri: str) -> str:
     return uri[len(store.uri):].lstrip("/")
 
 
-def load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Optional[str]):
+def load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Optional[str], scratch: Path):
     """(HybridScorer, tokenizer): the text part from the promoted export (or the backbone), LoRA-wrapped when
     configured; for model.kind=hybrid the round's collaborative tables (fitted by the driver, frozen here)
-    and the promoted fusion weights."""
+    and the promoted fusion weights. Downloads go under `scratch` (the worker's directory, removed at the end)."""
     store = Store.from_config(cfg.store)
     fusion = None
     if init_model_uri:
-        local = Path(tempfile.mkdtemp(prefix="llmrec-init-"))
-        start, tokenizer, _ = load_export(store.download_dir(key_in(store, init_model_uri), local))
+        start, tokenizer, _ = load_export(store.download_dir(key_in(store, init_model_uri), scratch / "init"))
         lm = start.lm
         lm.config.hidden_dropout_prob = cfg.model.dropout
         fusion = start.fusion_weights() if start.is_hybrid else None
@@ -87,7 +86,7 @@ def load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Opt
         return HybridScorer(apply_lora(lm, cfg.model)), tokenizer
     if not collab_uri:
         raise ValueError("model.kind=hybrid needs the round's collaborative tables (collab_uri); run it through run_training")
-    collab, vocab = load_collab(store.download_dir(key_in(store, collab_uri), Path(tempfile.mkdtemp(prefix="llmrec-collab-"))))
+    collab, vocab = load_collab(store.download_dir(key_in(store, collab_uri), scratch / "collab"))
     collab.requires_grad_(False)  # fitted on all history by the driver; the language model learns the residual
     return HybridScorer(apply_lora(lm, cfg.model), collab, vocab, fusion), tokenizer
 
@@ -95,7 +94,7 @@ def load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Opt
 class WorkerRound:
     """One worker's share of a round: the DeepSpeed engine, the data shards and the early-stopping state."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, work_dir: Path):
         import deepspeed  # see the module docstring
 
         # DeepSpeed would JIT-compile a shared-memory all-reduce op on CPU (~60 s per fresh machine); gloo does the job.
@@ -108,14 +107,14 @@ class WorkerRound:
         self.device = torch.device(f"cuda:{ctx.get_local_rank()}") if cfg.train.use_gpu else torch.device("cpu")
         if not cfg.train.use_gpu:  # intra-op threads = the worker's CPU reservation (Ray's OMP_NUM_THREADS, made explicit)
             torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-        model, self.tokenizer = load_start_model(cfg, config["init_model_uri"], config.get("collab_uri"))
+        self.work_dir = work_dir
+        model, self.tokenizer = load_start_model(cfg, config["init_model_uri"], config.get("collab_uri"), self.work_dir)
         self.lr = cfg.train.lr_incremental if config["init_model_uri"] else cfg.train.lr_first
         self.num_steps = total_steps(cfg, config["num_train_rows"])
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, self.lr, self.num_steps))
         self.state = {"step": 0, "best_val_loss": math.inf, "first_val_loss": None, "bad_evals": 0, "samples": 0}
-        self.work_dir = Path(tempfile.mkdtemp(prefix=f"llmrec-train-r{self.rank}-"))
         self.train_shard, self.val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
 
@@ -210,7 +209,16 @@ class WorkerRound:
 
 def train_func(config: dict) -> None:
     """Runs on every Ray Train worker (see the module docstring for `config`)."""
-    worker = WorkerRound(config)
+    # Everything this worker writes lives here, removed when the round ends however it ends (ray.train.report has
+    # copied each reported checkpoint to the run's storage before it returns).
+    work_dir = Path(tempfile.mkdtemp(prefix=f"llmrec-train-r{ray.train.get_context().get_world_rank()}-"))
+    try:
+        run_worker(WorkerRound(config, work_dir), config)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def run_worker(worker: WorkerRound, config: dict) -> None:
     resumed = worker.restore()
     if not resumed:
         worker.validate_and_report()  # step 0: the starting model is the first "best"

@@ -29,8 +29,9 @@ SMALL = ["synth.num_users=40", "synth.num_items=30", "synth.num_events=1600", "s
 
 def fake_train(cfg, store, targets, older, replay, init_uri, run_name, catalog_version=None):
     model, tokenizer = build_model(cfg.model)
-    out = save_export(model, tokenizer, cfg, Path(tempfile.mkdtemp()) / "model")
-    return TrainResult(out, {"num_train_rows": 10, "train_seconds": 0.1, "best_val_loss": 0.69}, None)
+    scratch = Path(tempfile.mkdtemp(prefix="llmrec-fake-"))
+    out = save_export(model, tokenizer, cfg, scratch / "model")
+    return TrainResult(out, {"num_train_rows": 10, "train_seconds": 0.1, "best_val_loss": 0.69}, None, scratch)
 
 
 def _store(kind, tmp_path, s3_server=None):
@@ -215,3 +216,15 @@ def test_registration_builds_the_versions_item_index(tmp_path):
     index = load_index(local, version=name, model=model)
     assert sorted(index.item_ids) == sorted(catalog_ids)
     assert index.from_text.sum() == len(catalog_ids) - len(known)
+
+
+def test_round_removes_the_drivers_export_copy(tmp_path, approve_all):
+    cfg, store = _store("file", tmp_path)
+    made = []
+
+    def train(*args, **kwargs):
+        made.append(fake_train(*args, **kwargs))
+        return made[-1]
+
+    assert pipeline.run_round(cfg, store, train_fn=train).promoted
+    assert made and made[0].scratch is not None and not made[0].scratch.exists()  # registered, then removed
