@@ -686,7 +686,7 @@ def test_importing_the_package_loads_no_torch():
 
 
 def test_admission_bounds_pending_rows_and_always_lets_a_lone_request_in():
-    from llmrec_ray.serve.admission import Admission, Overloaded
+    from llmrec_ray.serve.admission import Admission, Overloaded, rows_to_score
 
     a = Admission(max_pending_rows=100)
     with a.hold(500):  # nothing pending: goes, however big (the per-request limits bound it)
@@ -704,6 +704,8 @@ def test_admission_bounds_pending_rows_and_always_lets_a_lone_request_in():
         with a.hold(10):
             raise RuntimeError("scorer failed")
     assert a.pending == 0
+    # a two-stage /v1/recommend over 1,682 movies costs its shortlist (100), not the pool: two of them fit a bound of 1,024
+    assert rows_to_score(1682, 100) == 100 and rows_to_score(30, 100) == 30 and rows_to_score(1682, None) == 1682
 
 
 def test_recommend_in_two_stages_with_the_versions_own_index(serve_env):

@@ -35,3 +35,11 @@ class Admission:
             yield
         finally:
             self.pending -= rows
+
+
+def rows_to_score(num_candidates: int, shortlist: int | None) -> int:
+    """The rows a request costs the Scorer: a two-stage /v1/recommend scores only its shortlist of the pool
+    (versions without an item index score the whole pool; they are counted by the shortlist too, so the bound
+    stays per-request-fair for indexed versions, the default)."""
+    return num_candidates if shortlist is None else min(num_candidates, shortlist)
+

@@ -29,7 +29,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from llmrec_ray.catalog import catalog_version
 from llmrec_ray.config import Config, config_from_dict
 from llmrec_ray.serve.guard import install as install_guard
-from llmrec_ray.serve.admission import Admission, Overloaded
+from llmrec_ray.serve.admission import Admission, Overloaded, rows_to_score
 from llmrec_ray.serve.metrics import IngressMetrics
 from llmrec_ray.serve.reload import run_every
 from llmrec_ray.serve.resolve import Catalog
@@ -132,7 +132,7 @@ class Api:
 
     async def _score(self, item: ScoreItem) -> dict:
         try:
-            with self.admission.hold(len(item.candidate_texts)):
+            with self.admission.hold(rows_to_score(len(item.candidate_texts), item.shortlist)):
                 res = await self._ask(self.scorer.score.remote(item), item.deadline)
         except Overloaded as exc:
             s = self.cfg.serve
