@@ -17,7 +17,6 @@ follows the newest on its own poll (llmrec_ray/serve/api.py).
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -25,9 +24,8 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from llmrec_ray.schema import CATALOG_KEY, CATALOG_SCHEMA
+from llmrec_ray.schema import CATALOG_KEY, CATALOG_SCHEMA, parquet_bytes
 
 UPDATES_PREFIX = "catalog/updates"
 BASE_VERSION = "base"
@@ -73,10 +71,7 @@ def load_catalog(store, columns: Optional[list[str]] = None, version: Optional[s
 
 def catalog_bytes(frame: pd.DataFrame) -> bytes:
     """Rows in the catalogue schema (columns of COLUMNS; missing optional ones become null) as Parquet bytes."""
-    table = pa.Table.from_pandas(frame.reindex(columns=COLUMNS), schema=CATALOG_SCHEMA, preserve_index=False)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    return parquet_bytes(pa.Table.from_pandas(frame.reindex(columns=COLUMNS), schema=CATALOG_SCHEMA, preserve_index=False))
 
 
 @dataclass

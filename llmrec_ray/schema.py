@@ -28,10 +28,12 @@ Store layout (keys relative to the store root):
 from __future__ import annotations
 
 import datetime as dt
+import io
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 EVENTS = ("rating", "click", "view", "purchase", "impression")
 
@@ -71,6 +73,13 @@ class ShardProblem:
     bad_rows: int  # rows affected (all rows when the whole shard is unusable)
     kind: str = "invalid"  # UNKNOWN_ITEMS: only items missing from the catalogue (the ledger may hold the shard)
     examples: tuple = ()  # a few offending values
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the Parquet bytes every shard and catalogue file is written with (zstd)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
 
 
 def validate_interactions(table: pa.Table, known_item_ids: set[str] | None) -> list[ShardProblem]:

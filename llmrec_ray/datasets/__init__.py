@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import sys
 import time
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from llmrec_ray.schema import CATALOG_KEY, CATALOG_SCHEMA, INTERACTION_SCHEMA, shard_key
+from llmrec_ray.schema import CATALOG_KEY, CATALOG_SCHEMA, INTERACTION_SCHEMA, parquet_bytes, shard_key
 
 
 @dataclass
@@ -22,12 +20,6 @@ class ImportReport:
     num_shards: int
     num_items: int
     seconds: float
-
-
-def table_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 def period_start(ts: pd.Series, period_days: int) -> pd.Series:
@@ -42,12 +34,12 @@ def write_dataset(store, catalog: pd.DataFrame, events: pd.DataFrame, period_day
                   progress: bool = True, desc: str = "shards") -> ImportReport:
     """Write the catalogue and one shard per period (atomic object writes), events sorted by time."""
     cat_table = pa.Table.from_pandas(catalog[[f.name for f in CATALOG_SCHEMA]], schema=CATALOG_SCHEMA, preserve_index=False)
-    store.write_bytes(CATALOG_KEY, table_bytes(cat_table))
+    store.write_bytes(CATALOG_KEY, parquet_bytes(cat_table))
     events = events.sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
     events["_period"] = period_start(events["timestamp"], period_days)
     groups = list(events.groupby("_period", sort=True))
     # stdout, like our own lines: stderr may be a log file (llmrec_ray.runtime.quiet_output)
-    for start_day, part in tqdm(groups, desc=desc, unit="shard", disable=not progress, file=sys.stdout):
+    for start_day, part in tqdm(groups, desc=desc, unit="shard", disable=None if progress else True, file=sys.stdout):
         write_shard(store, part, int(start_day))
     return ImportReport(len(events), len(groups), len(catalog), time.time() - started)
 
@@ -56,5 +48,5 @@ def write_shard(store, events: pd.DataFrame, start_day: int) -> str:
     """One period's events (already sorted by time) as the shard of the period starting at `start_day`."""
     key = shard_key(dt.date(1970, 1, 1) + dt.timedelta(days=start_day))
     table = pa.Table.from_pandas(events[[f.name for f in INTERACTION_SCHEMA]], schema=INTERACTION_SCHEMA, preserve_index=False)
-    store.write_bytes(key, table_bytes(table))
+    store.write_bytes(key, parquet_bytes(table))
     return key

@@ -42,11 +42,11 @@ from tqdm.auto import tqdm
 
 from llmrec_ray.catalog import CatalogWrite, load_catalog, write_catalog
 from llmrec_ray.config import Config
-from llmrec_ray.datasets import period_start, table_bytes
+from llmrec_ray.datasets import period_start
 from llmrec_ray.datasets.mapping import (REQUIRED, BadRows, check_label_source, mapping, select_rows, time_bound,
                                          to_catalog, to_events)
 from llmrec_ray.s3 import make_filesystem
-from llmrec_ray.schema import INTERACTION_SCHEMA, INTERACTIONS_PREFIX
+from llmrec_ray.schema import INTERACTION_SCHEMA, INTERACTIONS_PREFIX, parquet_bytes
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
            ".ndjson": "jsonl", ".json": "jsonl"}
@@ -266,7 +266,7 @@ def _write_periods(cfg: Config, store, report: TableReport, spill: Path, progres
             report.periods_unchanged += 1
             continue
         rows = rows.sort_values(["timestamp", "user_id", "item_id", "event", "label"], kind="stable")
-        data = table_bytes(pa.Table.from_pandas(rows[COLUMNS], schema=INTERACTION_SCHEMA, preserve_index=False))
+        data = parquet_bytes(pa.Table.from_pandas(rows[COLUMNS], schema=INTERACTION_SCHEMA, preserve_index=False))
         key = f"{folder}/part-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
         store.write_bytes(key, data)
         report.shards_written.append(key)
