@@ -12,8 +12,11 @@ of --store with the config it was trained with plus the setting), answers one wa
 request in turn (concurrency 1), --repeats times: p50 / p99 / max of the wall time per request. The exhaustive
 answer (serve.rerank_n=0, fp32: the full scorer on every movie not in the history, ~1 min a request on one CPU) is
 asked once for each of the first --exhaustive-users users; overlap@10 = |a setting's top-10 & the exhaustive
-top-10| / 10 over those users (it measures the shortlist and the quantisation together).
-Writes out/bench/recommend.{json,md}. Figures come from here, never from tests.
+top-10| / 10 over those users (it measures the shortlist and the quantisation together). The exhaustive answers
+are kept in out/bench/recommend-exhaustive.json (per store, version, seed and user count): a rerun reuses them.
+--cpus-per-replica sets serve.num_cpus_per_replica (the Scorer's torch / ONNX Runtime threads); the private Ray gets
+that many CPUs + 1 (the Api ingress and the HTTP proxy).
+Writes out/bench/recommend-<cpus>cpu.{json,md}. Figures come from here, never from tests.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def user_requests(store, num_users: int, max_history: int, seed: int) -> list[di
     return bodies
 
 
-def deploy(cfg, rerank_n: int, quantize: str, url: str, timeout_s: float = 600.0) -> str:
+def deploy(cfg, rerank_n: int, quantize: str, cpus: int, url: str, timeout_s: float = 600.0) -> str:
     """(Re)deploy the app with the setting; returns the version it serves once /healthz answers."""
     import requests
     from ray import serve
@@ -69,7 +72,7 @@ def deploy(cfg, rerank_n: int, quantize: str, url: str, timeout_s: float = 600.0
     from llmrec_ray.serve import APP_NAME, build_app
 
     d = cfg.to_dict()
-    d["serve"].update(rerank_n=rerank_n, quantize=quantize, num_replicas=1, num_cpus_per_replica=1.0,
+    d["serve"].update(rerank_n=rerank_n, quantize=quantize, num_replicas=1, num_cpus_per_replica=float(cpus),
                       request_timeout_s=600.0)
     serve.run(build_app(config_from_dict(d)), name=APP_NAME, route_prefix="/")
     deadline = time.time() + timeout_s
@@ -100,6 +103,7 @@ def main() -> int:
     p.add_argument("--users", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--exhaustive-users", type=int, default=6, help="users asked exhaustively (0: no overlap@10)")
+    p.add_argument("--cpus-per-replica", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -127,14 +131,18 @@ def main() -> int:
     print(f"version {version} of {args.store}; {len(bodies)} users of the newest week, "
           f"history {np.mean([len(b['history']) for b in bodies]):.0f} ratings on average", flush=True)
 
-    url = start_ray_serve(free_port(), 2, "llmrec-brec-")
-    rows, exhaustive = [], {}
+    url = start_ray_serve(free_port(), args.cpus_per_replica + 1, "llmrec-brec-")
+    cache_path = OUT_DIR / "recommend-exhaustive.json"
+    cache_key = f"{Path(args.store).resolve()}|{version}|seed={args.seed}|users={len(bodies)}"
+    cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    exhaustive = {int(k): v for k, v in cached.get(cache_key, {}).items()}
+    rows = []
     settings = [(q, int(n)) for q in args.quantize.split(",") for n in args.rerank.split(",")]
-    if args.exhaustive_users:
+    if args.exhaustive_users and len(exhaustive) < min(args.exhaustive_users, len(bodies)):
         settings.insert(0, ("none", 0))
     try:
         for quantize, rerank_n in settings:
-            served = deploy(cfg, rerank_n, quantize, url)
+            served = deploy(cfg, rerank_n, quantize, args.cpus_per_replica, url)
             ask(url, bodies[0])  # warm-up: the first request pays one-off costs
             times, overlaps = [], []
             for _ in range(args.repeats if rerank_n else 1):
@@ -146,12 +154,16 @@ def main() -> int:
                     elif k in exhaustive:
                         overlaps.append(len(set(top) & set(exhaustive[k])) / 10)
             ms = np.asarray(times) * 1000
-            row = {"quantize": quantize, "rerank_n": rerank_n, "version": served, "requests": len(times),
+            row = {"quantize": quantize, "rerank_n": rerank_n, "cpus_per_replica": args.cpus_per_replica,
+                   "version": served, "requests": len(times),
                    "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
                    "max_ms": round(float(ms.max()), 1),
                    "overlap_at_10": round(float(np.mean(overlaps)), 3) if overlaps else None,
                    "load_avg_1m": round(os.getloadavg()[0], 1)}
             rows.append(row)
+            if rerank_n == 0:
+                OUT_DIR.mkdir(parents=True, exist_ok=True)
+                cache_path.write_text(json.dumps({**cached, cache_key: exhaustive}))
             print(f"quantize={quantize:<10} rerank_n={rerank_n or 'all':<5} p50 {row['p50_ms']:8.1f} ms  "
                   f"p99 {row['p99_ms']:8.1f} ms  overlap@10 {row['overlap_at_10']}  (load {row['load_avg_1m']})",
                   flush=True)
@@ -162,13 +174,14 @@ def main() -> int:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     meta = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "store": args.store,
             "version": version, "users": len(bodies), "repeats": args.repeats, "cpus": os.cpu_count()}
-    (OUT_DIR / "recommend.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    lines = ["| quantize | rerank_n | requests | p50 ms | p99 ms | max ms | overlap@10 with exhaustive | load avg |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['quantize']} | {r['rerank_n'] or 'all (exhaustive)'} | {r['requests']} | {r['p50_ms']} | {r['p99_ms']} | "
+    (OUT_DIR / f"recommend-{args.cpus_per_replica}cpu.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
+    lines = ["| quantize | rerank_n | CPUs | requests | p50 ms | p99 ms | max ms | overlap@10 with exhaustive | load avg |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['quantize']} | {r['rerank_n'] or 'all (exhaustive)'} | {r['cpus_per_replica']} | {r['requests']} | "
+              f"{r['p50_ms']} | {r['p99_ms']} | "
               f"{r['max_ms']} | {r['overlap_at_10'] if r['overlap_at_10'] is not None else '-'} | {r['load_avg_1m']} |"
               for r in rows]
-    (OUT_DIR / "recommend.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
+    (OUT_DIR / f"recommend-{args.cpus_per_replica}cpu.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 
