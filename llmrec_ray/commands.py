@@ -104,11 +104,13 @@ def cmd_train(args, cfg: Config) -> int:
     keys, older = [s.key for s in new], [s.key for s in ledger.shards() if s.period < new[0].period]
     result = train_candidate(cfg, store, keys, older, [k for k in older if k in learned],
                              store.key_uri(model_prefix(parent)) if parent else None, f"train-{int(time.time())}")
-    version = registry.create_version(
-        result.export_dir, parent=parent, shards=keys, config=cfg.to_dict(redact=True),
-        metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
-        gate={"decision": "unevaluated", "reason": "trained by `llmrec train`: no evaluation, no gate"})
-    result.discard()
+    try:
+        version = registry.create_version(
+            result.export_dir, parent=parent, shards=keys, config=cfg.to_dict(redact=True),
+            metrics={k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+            gate={"decision": "unevaluated", "reason": "trained by `llmrec train`: no evaluation, no gate"})
+    finally:
+        result.discard()
     print(f"trained {version} from {parent or 'the pretrained backbone'} on {keys}")
     _print({"version": version, "metrics": result.metrics})
     print(f"next: llmrec train --init-from {version}   (continue)   |   llmrec models promote {version}   (serve it)")

@@ -38,8 +38,7 @@ class Admission:
 
 
 def rows_to_score(num_candidates: int, shortlist: int | None) -> int:
-    """The rows a request costs the Scorer: a two-stage /v1/recommend scores only its shortlist of the pool
-    (versions without an item index score the whole pool; they are counted by the shortlist too, so the bound
-    stays per-request-fair for indexed versions, the default)."""
+    """The rows a request costs the Scorer: a two-stage /v1/recommend scores its shortlist, not its pool. (A version
+    without an item index scores the whole pool but is counted by the shortlist too -- the ingress does not know
+    which version a Scorer holds; serve.max_pool and Serve's request queues bound those requests.)"""
     return num_candidates if shortlist is None else min(num_candidates, shortlist)
-
