@@ -17,8 +17,39 @@ from pathlib import Path
 import numpy as np
 
 from quality_ml100k import OVERRIDES, classical_scorer, fast_auc, prepare, split, week_bounds  # a script beside it
-from llmrec_ray.config import load_config
+from llmrec_ray.config import Config, load_config
 from llmrec_ray.store import Store
+
+
+def probe_weeks(cfg: Config, keys, events, examples, num_weeks: int, build, label: str) -> float:
+    """The `collab` arm's protocol with a network of the caller's (benchmarks/*_probe.py): for each of the first
+    `num_weeks` test weeks, build(training examples) -> (untrained CollabNet or subclass, its ItemVocab); the net is
+    fitted on every example before the week with the config's recipe and scores every row of it. Prints the AUC per
+    week; returns the pooled AUC."""
+    from llmrec_ray.collab import fit_collab, predict_logits
+    from llmrec_ray.ids import history_arrays
+
+    c, weeks, ys, ps = cfg.model.collab, week_bounds(keys, 4), [], []
+    for w in range(num_weeks):
+        end = weeks[w + 1][1] if w + 1 < len(weeks) else int(events["timestamp"].max()) + 1
+        _, week = split(events, examples, weeks[w][1], end)
+        train = examples[examples["timestamp"] < weeks[w][1]]
+        net, vocab = build(train)
+
+        def hist(f):
+            return history_arrays(vocab, f["history_ids"].tolist(), f["history_ratings"].tolist(),
+                                  f["history_labels"].tolist(), c.history_len, cfg.data.like_threshold)
+
+        started = time.time()
+        fit = fit_collab(net, vocab.rows(train["item_id"].tolist()), hist(train), train["label"].to_numpy(),
+                         epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, l2=c.l2, val_fraction=c.val_fraction)
+        ys.append(week["label"].to_numpy())
+        ps.append(predict_logits(net, vocab.rows(week["item_id"].tolist()), hist(week)))
+        print(f"{label} week {w + 1}: AUC {fast_auc(ys[-1], ps[-1]):.4f} ({fit.epochs} epochs, {time.time() - started:.0f} s)",
+              flush=True)
+    pooled = fast_auc(np.concatenate(ys), np.concatenate(ps))
+    print(f"{label} pooled over {num_weeks} week(s): AUC {pooled:.4f}")
+    return pooled
 
 
 def main() -> None:

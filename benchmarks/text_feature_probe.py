@@ -15,7 +15,6 @@ Prints the AUC per week and pooled. A measured negative result kept so it can be
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +22,11 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer
 
-from quality_ml100k import OVERRIDES, fast_auc, prepare, split, week_bounds  # a script beside it
-from llmrec_ray.collab import CollabNet, _masked_mean, fit_collab, predict_logits
+from collab_ablation import probe_weeks  # scripts beside it
+from quality_ml100k import OVERRIDES, prepare
+from llmrec_ray.collab import CollabNet, _masked_mean
 from llmrec_ray.config import load_config
-from llmrec_ray.ids import ItemVocab, history_arrays
+from llmrec_ray.ids import ItemVocab
 from llmrec_ray.model import minilm_dir
 from llmrec_ray.catalog import load_catalog
 from llmrec_ray.store import Store
@@ -90,30 +90,16 @@ def main() -> None:
     texts = item_texts(load_catalog(store, ["title", "genres", "description"]))
     ids = sorted(texts)
     vectors = dict(zip(ids, text_vectors([texts[i][0] for i in ids])))
-    c, weeks, ys, ps = cfg.model.collab, week_bounds(keys, 4), [], []
-    for w in range(args.weeks):
-        end = weeks[w + 1][1] if w + 1 < len(weeks) else int(events["timestamp"].max()) + 1
-        _, week = split(events, examples, weeks[w][1], end)
-        train = examples[examples["timestamp"] < weeks[w][1]]
+
+    def build(train):
         vocab = ItemVocab(sorted(set(map(str, train["item_id"]))))
         vocab.add(i for i in ids if i not in vocab.index)  # rows for every catalogue item: text for all, tables for seen ones
         text = torch.zeros(len(vocab) + 1, len(next(iter(vectors.values()))))
         for i, row in vocab.index.items():
             text[row] = torch.from_numpy(vectors[i])
-        net = TextCollab(len(vocab), c.dim, text, args.mode)
+        return TextCollab(len(vocab), cfg.model.collab.dim, text, args.mode), vocab
 
-        def hist(f):
-            return history_arrays(vocab, f["history_ids"].tolist(), f["history_ratings"].tolist(), f["history_labels"].tolist(),
-                                  c.history_len, cfg.data.like_threshold)
-
-        started = time.time()
-        rep = fit_collab(net, vocab.rows(train["item_id"].tolist()), hist(train), train["label"].to_numpy(), epochs=c.epochs,
-                         batch_size=c.batch_size, lr=c.lr, l2=c.l2, val_fraction=c.val_fraction)
-        ys.append(week["label"].to_numpy())
-        ps.append(predict_logits(net, vocab.rows(week["item_id"].tolist()), hist(week)))
-        print(f"{args.mode} week {w + 1}: AUC {fast_auc(ys[-1], ps[-1]):.4f} ({rep.epochs} epochs, {time.time() - started:.0f} s)")
-    print(f"{args.mode} pooled over {args.weeks} week(s): AUC {fast_auc(np.concatenate(ys), np.concatenate(ps)):.4f}")
-
+    probe_weeks(cfg, keys, events, examples, args.weeks, build, args.mode)
 
 if __name__ == "__main__":
     main()
