@@ -28,8 +28,8 @@ from llmrec_ray.store import Store
 
 
 class MLPCollab(CollabNet):
-    def __init__(self, num_items: int, dim: int, hidden: int, with_product: bool):
-        super().__init__(num_items, dim)
+    def __init__(self, num_items: int, dim: int, hidden: int, with_product: bool, neighbours: int):
+        super().__init__(num_items, dim, neighbours=neighbours)
         self.with_product = with_product
         torch.manual_seed(0)  # the head's initial weights: the same figures run after run
         self.head = nn.Sequential(nn.Linear(NUM_FEATURES + 2 + (dim if with_product else 0), hidden), nn.ReLU(),
@@ -39,7 +39,8 @@ class MLPCollab(CollabNet):
 
     def forward(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
         u, f = self.user_side(hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
-        f = torch.cat([f, self.item_logcount[cand_rows].unsqueeze(-1)], dim=-1)
+        g = self.neighbour_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+        f = torch.cat([f, g, self.item_logcount[cand_rows].unsqueeze(-1)], dim=-1)
         e, b = self.cand(cand_rows), self.item_bias(cand_rows).squeeze(-1)
         dot = (u * e).sum(-1)
         z = [f, b.unsqueeze(-1), dot.unsqueeze(-1)] + ([u * e] if self.with_product else [])
@@ -57,12 +58,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}"])
     keys, events, examples = prepare(cfg, Store.from_config(cfg.store), work)
-    dim = cfg.model.collab.dim
+    dim, neighbours = cfg.model.collab.dim, cfg.model.collab.neighbours
 
     def build(train):
         vocab = ItemVocab(sorted(set(map(str, train["item_id"]))))
-        net = (CollabNet(len(vocab), dim) if args.variant == "linear"
-               else MLPCollab(len(vocab), dim, args.hidden, args.variant == "mlp-prod"))
+        net = (CollabNet(len(vocab), dim, neighbours=neighbours) if args.variant == "linear"
+               else MLPCollab(len(vocab), dim, args.hidden, args.variant == "mlp-prod", neighbours))
         return net, vocab
 
     probe_weeks(cfg, keys, events, examples, args.weeks, build, args.variant)

@@ -111,7 +111,7 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
         return (lambda f: m.predict_frame(f, log)), None
     if arm == "collab":
         c = cfg.model.collab
-        net, vocab = warm_start(previous, train_examples["item_id"], c.dim)
+        net, vocab = warm_start(previous, train_examples["item_id"], c.dim, c.neighbours)
 
         def hist(f):
             return history_arrays(vocab, f["history_ids"].tolist(), f["history_ratings"].tolist(),
@@ -119,7 +119,7 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
 
         fit_collab(net, vocab.rows(train_examples["item_id"].tolist()), hist(train_examples),
                    train_examples["label"].to_numpy(), epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, l2=c.l2,
-                   val_fraction=c.val_fraction)
+                   val_fraction=c.val_fraction, users=train_examples["user_id"].to_numpy())
         return (lambda f: 1 / (1 + np.exp(-predict_logits(net, vocab.rows(f["item_id"].tolist()), hist(f))))), (net, vocab)
     raise ValueError(arm)
 

@@ -45,8 +45,8 @@ def text_vectors(texts: list[str]) -> np.ndarray:
 
 
 class TextCollab(CollabNet):
-    def __init__(self, num_items: int, dim: int, text: torch.Tensor, mode: str):
-        super().__init__(num_items, dim)
+    def __init__(self, num_items: int, dim: int, text: torch.Tensor, mode: str, neighbours: int):
+        super().__init__(num_items, dim, neighbours=neighbours)
         self.mode = mode
         self.register_buffer("text", text)
         self.text_features = nn.Linear(4, 1)
@@ -97,7 +97,7 @@ def main() -> None:
         text = torch.zeros(len(vocab) + 1, len(next(iter(vectors.values()))))
         for i, row in vocab.index.items():
             text[row] = torch.from_numpy(vectors[i])
-        return TextCollab(len(vocab), cfg.model.collab.dim, text, args.mode), vocab
+        return TextCollab(len(vocab), cfg.model.collab.dim, text, args.mode, cfg.model.collab.neighbours), vocab
 
     probe_weeks(cfg, keys, events, examples, args.weeks, build, args.mode)
 

@@ -2,11 +2,20 @@
 side read from the request's own history -- no per-user table, so cold users and users with fresh
 history are scored like everyone else.
 
-    logit_cf = mu + b[cand] + <u, E[cand]> + w . f(history)
+    logit_cf = mu + b[cand] + <u, E[cand]> + w . f(history, cand)
     u        = mean over liked history items of L[j] + mean over not-liked history items of D[j]
     f        = (like rate, mean centred rating, log(1 + n), mean (label_j - sigmoid(mu + b[j])), share rated,
-                mean (rating_j - the item's mean rating), log(1 + the candidate's training count))
-    The item mean ratings and counts are statistics of the training rows (buffers, saved with the tables).
+                mean (rating_j - the item's mean rating),
+                neighbour score, max s(cand, liked j), max s(cand, not-liked j), mean s(cand, j),
+                log(1 + the candidate's training count))
+    s(c, j)  = item-item similarity: cosine of the two items' user-centred labels over the users who have both,
+               shrunk by co-count / (co-count + 25), the top `neighbours` per item kept (0 when j is not among them)
+    neighbour score = sum_j s(c, j) * centred_j / sum_j |s(c, j)|, centred_j = rating_j - the history's mean
+               rating (or label_j - like rate for an unrated event): classic item-based collaborative filtering.
+    The item mean ratings, counts and neighbour lists are statistics of the training rows (buffers, saved with the
+    tables). Why the neighbour terms: the learned tables alone tie the history-aware logistic regression on
+    MovieLens; item-item similarities over every co-rating add what early-stopped embeddings do not learn
+    (benchmarks/quality_ml100k.py, README "Quality").
 
 Row 0 of every table is the unknown id (an item the tables never saw, or padding): its rows are zero,
 so an unknown candidate contributes no item term and an unknown history item only counts in f; text
@@ -35,7 +44,10 @@ from torch import nn
 
 from llmrec_ray.ids import UNKNOWN, HistoryArrays, ItemVocab
 
-NUM_FEATURES = 7  # 6 read from the history + the candidate's log count
+NUM_HISTORY_FEATURES = 6  # read from the history alone
+NUM_NEIGHBOUR_FEATURES = 4  # the history against the candidate's neighbour list
+NUM_FEATURES = NUM_HISTORY_FEATURES + NUM_NEIGHBOUR_FEATURES + 1  # + the candidate's log count, always last
+SHRINK = 25.0  # co-count shrinkage of the item-item similarities
 VOCAB_FILE = "collab_vocab.json"
 WEIGHTS_FILE = "collab.safetensors"
 COLLAB_FILES = (WEIGHTS_FILE, VOCAB_FILE)
@@ -44,10 +56,10 @@ COLLAB_FILES = (WEIGHTS_FILE, VOCAB_FILE)
 class CollabNet(nn.Module):
     """Item tables + a user side computed from the history tensors. forward -> (B,) logits."""
 
-    def __init__(self, num_items: int, dim: int = 32, seed: int = 0):
+    def __init__(self, num_items: int, dim: int = 32, seed: int = 0, neighbours: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)  # the same tables from the same data, run after run
-        self.num_items, self.dim = num_items, dim
+        self.num_items, self.dim, self.neighbours = num_items, dim, neighbours
         self.mu = nn.Parameter(torch.zeros(1))
         self.item_bias = nn.Embedding(num_items + 1, 1, padding_idx=UNKNOWN)
         self.cand = nn.Embedding(num_items + 1, dim, padding_idx=UNKNOWN)
@@ -56,6 +68,8 @@ class CollabNet(nn.Module):
         self.user_features = nn.Linear(NUM_FEATURES, 1)
         self.register_buffer("item_rating", torch.zeros(num_items + 1))  # smoothed mean centred rating
         self.register_buffer("item_logcount", torch.zeros(num_items + 1))  # log(1 + training rows as candidate)
+        self.register_buffer("nbr_rows", torch.zeros(num_items + 1, neighbours, dtype=torch.int64))  # row 0: none
+        self.register_buffer("nbr_sims", torch.zeros(num_items + 1, neighbours))
         for table in (self.cand, self.hist_liked, self.hist_disliked):
             nn.init.normal_(table.weight, std=0.01, generator=g)
             with torch.no_grad():
@@ -80,15 +94,40 @@ class CollabNet(nn.Module):
         f = torch.stack([like_rate, mean_rating, torch.log1p(n), surprise, rated_share, rating_dev], dim=-1)
         return u, f
 
+    def neighbour_features(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
+        """(B, NUM_NEIGHBOUR_FEATURES): the history's items against the candidate's neighbour list."""
+        b = len(cand_rows)
+        if self.neighbours == 0:
+            return torch.zeros(b, NUM_NEIGHBOUR_FEATURES)
+        known = hist_present * (hist_rows != UNKNOWN).float()
+        match = self.nbr_rows[cand_rows].unsqueeze(1) == hist_rows.unsqueeze(-1)  # (B, H, K)
+        s = (match * self.nbr_sims[cand_rows].unsqueeze(1)).sum(-1) * known  # (B, H) s(cand, j)
+        n = hist_present.sum(-1, keepdim=True)
+        like_rate = (hist_liked * hist_present).sum(-1, keepdim=True) / n.clamp(min=1.0)
+        mean_rating = (hist_rating * hist_rated).sum(-1, keepdim=True) / hist_rated.sum(-1, keepdim=True).clamp(min=1.0)
+        centred = torch.where(hist_rated > 0, hist_rating - mean_rating, hist_liked - like_rate)
+        score = (s * centred).sum(-1) / (s.abs().sum(-1) + 1e-3)
+        liked = hist_liked * known
+        max_liked = (s * liked).max(-1).values.clamp(min=0.0)
+        max_disliked = (s * (1 - hist_liked) * known).max(-1).values.clamp(min=0.0)
+        return torch.stack([score, max_liked, max_disliked, s.sum(-1) / n.squeeze(-1).clamp(min=1.0)], dim=-1)
+
     def forward(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
         u, f = self.user_side(hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
-        f = torch.cat([f, self.item_logcount[cand_rows].unsqueeze(-1)], dim=-1)
+        g = self.neighbour_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+        f = torch.cat([f, g, self.item_logcount[cand_rows].unsqueeze(-1)], dim=-1)
         return (self.mu + self.item_bias(cand_rows).squeeze(-1) + (u * self.cand(cand_rows)).sum(-1)
                 + self.user_features(f).squeeze(-1))
 
     def set_item_statistics(self, cand_rows: torch.Tensor, hist_rows: torch.Tensor, hist_rating: torch.Tensor,
-                            hist_rated: torch.Tensor, smoothing: float = 5.0) -> None:
-        """Item mean ratings (from the ratings seen in histories) and candidate counts of the training rows."""
+                            hist_rated: torch.Tensor, smoothing: float = 5.0, users: Optional[np.ndarray] = None,
+                            labels: Optional[torch.Tensor] = None) -> None:
+        """Item mean ratings (from the ratings seen in histories) and candidate counts of the training rows; with
+        `users` (one code per row) and `labels`, also each item's neighbour list."""
+        if self.neighbours and users is not None:
+            rows, sims = item_neighbours(np.asarray(users), cand_rows.numpy(), labels.numpy(), self.num_items, self.neighbours)
+            self.nbr_rows.copy_(torch.from_numpy(rows))
+            self.nbr_sims.copy_(torch.from_numpy(sims))
         size = self.num_items + 1
         rated = (hist_rated > 0) & (hist_rows != UNKNOWN)
         total = torch.zeros(size).index_add_(0, hist_rows[rated], hist_rating[rated].float())
@@ -98,15 +137,21 @@ class CollabNet(nn.Module):
         self.item_rating[UNKNOWN] = 0.0
         self.item_logcount[UNKNOWN] = 0.0
 
-    def grown(self, num_items: int) -> "CollabNet":
-        """A copy with tables for `num_items` ids: old rows kept, new rows zero (they learn from their first events)."""
+    def grown(self, num_items: int, neighbours: Optional[int] = None) -> "CollabNet":
+        """A copy with tables for `num_items` ids: old rows kept, new rows zero (they learn from their first events).
+        `neighbours`: the new list length (the lists are recomputed by every fit; None keeps this one's)."""
         assert num_items >= self.num_items, (num_items, self.num_items)
-        out = CollabNet(num_items, self.dim)
+        neighbours = self.neighbours if neighbours is None else neighbours
+        out = CollabNet(num_items, self.dim, neighbours=neighbours)
         state = self.state_dict()
         with torch.no_grad():
             for name, tensor in out.state_dict().items():
                 old = state[name]
-                if tensor.shape == old.shape:
+                if name.startswith("nbr_"):
+                    tensor.zero_()
+                    if neighbours == self.neighbours:
+                        tensor[: old.shape[0]].copy_(old)
+                elif tensor.shape == old.shape:
                     tensor.copy_(old)
                 else:  # an item table: copy the known rows, zero the new ones
                     tensor.zero_()
@@ -117,6 +162,50 @@ class CollabNet(nn.Module):
         """L2 on the rows a batch touched (sparse-friendly; unknown rows are zero anyway)."""
         return (self.cand(cand_rows).pow(2).sum(-1).mean() + self.item_bias(cand_rows).pow(2).mean()
                 + self.hist_liked(hist_rows).pow(2).sum(-1).mean() + self.hist_disliked(hist_rows).pow(2).sum(-1).mean())
+
+
+def item_neighbours(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num_items: int, k: int,
+                    block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's k most similar items: ((num_items + 1, k) rows, (num_items + 1, k) similarities; unused slots
+    are row 0 with similarity 0). Similarity: cosine of the items' user-centred labels over the users who have both,
+    times co-count / (co-count + SHRINK). One (user, item) pair counts once (its mean label). Sparse products, `block`
+    items at a time: memory O(block x items), time O(items x co-rated items)."""
+    size = num_items + 1
+    users = np.unique(np.asarray(users), return_inverse=True)[1].astype(np.int64)
+    num_users = int(users.max(initial=0)) + 1
+    rows, labels = np.asarray(rows, np.int64), np.asarray(labels, np.float64)
+    pair, inverse = np.unique(rows * num_users + users, return_inverse=True)  # sorted: item-major
+    value = np.bincount(inverse, labels) / np.bincount(inverse)
+    item, user = pair // num_users, pair % num_users
+    keep = item != UNKNOWN
+    item, user, value = item[keep], user[keep], value[keep]
+    centred = value - (np.bincount(user, value, num_users) / np.maximum(np.bincount(user, minlength=num_users), 1))[user]
+    index = torch.from_numpy(np.stack([item, user]))
+    values = torch.from_numpy(centred).float()
+    r = torch.sparse_coo_tensor(index, values, (size, num_users), is_coalesced=True, check_invariants=False)
+    b = torch.sparse_coo_tensor(index, torch.ones(len(item)), (size, num_users), is_coalesced=True, check_invariants=False)
+    norm = torch.zeros(size).index_add_(0, index[0], values.pow(2)).sqrt()
+    out_rows, out_sims = np.zeros((size, k), np.int64), np.zeros((size, k), np.float32)
+    kk = min(k, size - 1)
+    if kk <= 0 or len(item) == 0:
+        return out_rows, out_sims
+    bounds = np.searchsorted(item, np.arange(size + 1))
+    for start in range(1, size, block):
+        stop = min(start + block, size)
+        lo, hi = bounds[start], bounds[stop]
+        local = (index[0, lo:hi] - start, index[1, lo:hi])
+        r_block = torch.zeros(stop - start, num_users).index_put_(local, values[lo:hi])
+        b_block = torch.zeros(stop - start, num_users).index_put_(local, torch.ones(hi - lo))
+        num = (r @ r_block.T).T  # (block, items): sums of products over co-rating users
+        co = (b @ b_block.T).T
+        sim = num / (norm[start:stop, None] * norm[None, :] + 1e-9) * co / (co + SHRINK)
+        sim[:, UNKNOWN] = 0.0
+        sim[torch.arange(stop - start), torch.arange(start, stop)] = 0.0  # not its own neighbour
+        top = sim.topk(kk, dim=1)
+        out_rows[start:stop, :kk] = top.indices.numpy()
+        out_sims[start:stop, :kk] = top.values.clamp(min=0.0).numpy()
+    out_rows[out_sims == 0] = UNKNOWN
+    return out_rows, out_sims
 
 
 def _masked_mean(x, mask):
@@ -140,20 +229,26 @@ class FitReport:
 
 def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, labels: np.ndarray, *, epochs: int = 8,
                batch_size: int = 1024, lr: float = 0.01, l2: float = 1e-4, seed: int = 0,
-               val_fraction: float = 0.0) -> FitReport:
+               val_fraction: float = 0.0, users: Optional[np.ndarray] = None) -> FitReport:
     """Mini-batch Adam on BCE (in place). Rows are in time order; with val_fraction > 0 the latest rows first
     choose the number of epochs (early stopping on their loss), then the tables are fitted on every row
-    for that many epochs from the same start -- the newest rows matter most for the next period."""
+    for that many epochs from the same start -- the newest rows matter most for the next period.
+    users: the user of each row (any hashable ids), for the neighbour lists (net.neighbours > 0)."""
     started = time.time()
     tensors = batch_tensors(cand_rows, hist)
     y = torch.tensor(np.asarray(labels, np.float32))
+    users = None if users is None else np.asarray(users)
     n = len(y)
     n_val = int(n * val_fraction) if epochs > 1 else 0
+
+    def statistics(rows: slice) -> None:
+        with torch.no_grad():
+            net.set_item_statistics(tensors["cand_rows"][rows], tensors["hist_rows"][rows],
+                                    tensors["hist_rating"][rows], tensors["hist_rated"][rows],
+                                    users=None if users is None else users[rows], labels=y[rows])
+
+    statistics(slice(0, n - n_val))  # the held-out rows stay unseen while choosing
     chosen = epochs
-    with torch.no_grad():  # statistics of the rows that train (the held-out ones stay unseen while choosing)
-        fit_rows = slice(0, n - n_val)
-        net.set_item_statistics(tensors["cand_rows"][fit_rows], tensors["hist_rows"][fit_rows],
-                                tensors["hist_rating"][fit_rows], tensors["hist_rated"][fit_rows])
     if n_val:
         start = copy.deepcopy(net.state_dict())
         val = {k: v[n - n_val:] for k, v in tensors.items()}
@@ -165,8 +260,7 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
                 net.train()
         chosen = int(np.argmin(losses)) + 1
         net.load_state_dict(start)
-        with torch.no_grad():
-            net.set_item_statistics(tensors["cand_rows"], tensors["hist_rows"], tensors["hist_rating"], tensors["hist_rated"])
+        statistics(slice(0, n))
     loss_value = float("nan")
     for loss_value in _epochs(net, tensors, y, chosen, batch_size, lr, l2, seed):
         pass
@@ -211,7 +305,7 @@ def save_collab(net: CollabNet, vocab: ItemVocab, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
-    (out_dir / VOCAB_FILE).write_text(json.dumps({"dim": net.dim, "item_ids": vocab.ids}))
+    (out_dir / VOCAB_FILE).write_text(json.dumps({"dim": net.dim, "neighbours": net.neighbours, "item_ids": vocab.ids}))
 
 
 def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
@@ -223,8 +317,8 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
     try:
         meta = json.loads((model_dir / VOCAB_FILE).read_text())
         vocab = ItemVocab(meta["item_ids"])
-        net = CollabNet(len(vocab), int(meta["dim"]))
-        net.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
+        net = CollabNet(len(vocab), int(meta["dim"]), neighbours=int(meta.get("neighbours", 0)))
+        net.load_state_dict(_upgraded(load_file(str(model_dir / WEIGHTS_FILE)), net))
     except Exception as exc:  # truncated file, wrong shapes, bad JSON: one clear error
         raise ValueError(f"collaborative tables in {model_dir} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if len(vocab) != len(set(vocab.ids)):
@@ -232,12 +326,25 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
     return net.eval(), vocab
 
 
-def warm_start(previous: Optional[tuple[CollabNet, ItemVocab]], item_ids: Iterable[str], dim: int) -> tuple[CollabNet, ItemVocab]:
+def _upgraded(state: dict, net: CollabNet) -> dict:
+    """Tables saved before the neighbour terms (7 feature weights, no neighbour lists) load with those terms
+    weighted zero: the same scores as before."""
+    w = state.get("user_features.weight")
+    if w is not None and w.shape[1] == NUM_FEATURES - NUM_NEIGHBOUR_FEATURES:
+        zeros = torch.zeros(w.shape[0], NUM_NEIGHBOUR_FEATURES, dtype=w.dtype)
+        state = {**state, "user_features.weight": torch.cat([w[:, :NUM_HISTORY_FEATURES], zeros, w[:, NUM_HISTORY_FEATURES:]], 1)}
+        state.setdefault("nbr_rows", net.nbr_rows)
+        state.setdefault("nbr_sims", net.nbr_sims)
+    return state
+
+
+def warm_start(previous: Optional[tuple[CollabNet, ItemVocab]], item_ids: Iterable[str], dim: int,
+               neighbours: int = 0) -> tuple[CollabNet, ItemVocab]:
     """The tables a round starts from: the promoted version's, grown by the ids it has not seen; or fresh ones."""
     if previous is None:
         vocab = ItemVocab(sorted(set(map(str, item_ids))))
-        return CollabNet(len(vocab), dim), vocab
+        return CollabNet(len(vocab), dim, neighbours=neighbours), vocab
     net, vocab = previous
     grown = vocab.grow(sorted(set(map(str, item_ids)) - set(vocab.index)))
-    return net.grown(len(grown)), grown
+    return net.grown(len(grown), neighbours), grown
 

@@ -71,13 +71,13 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
             if all((local / name).exists() for name in COLLAB_FILES):  # else a text-only parent: the tables start fresh
                 previous = load_collab(local)
     frame = ingest.examples_frame(cfg, store, history_keys, catalog_version=catalog_version)
-    net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim)
+    net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim, cfg.model.collab.neighbours)
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     c = cfg.model.collab
     fit = fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), epochs=c.epochs,
                      batch_size=c.batch_size, lr=c.lr, l2=c.l2, seed=cfg.train.seed,
-                     val_fraction=c.val_fraction)
+                     val_fraction=c.val_fraction, users=frame["user_id"].to_numpy())
     out = Path(tempfile.mkdtemp(prefix="llmrec-collab-"))
     save_collab(net, vocab, out)
     key = f"ray-train/{run_name}/collab"

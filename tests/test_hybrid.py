@@ -75,18 +75,22 @@ def test_unknown_candidate_and_history_items_fall_back_to_text(cfg):
         lm = model.lm(input_ids=t["input_ids"], attention_mask=t["attention_mask"], token_type_ids=t["token_type_ids"]).logits.squeeze(-1)
         w = model.fusion_weights()
         _, f = model.collab.user_side(t["hist_rows"], t["hist_present"], t["hist_liked"], t["hist_rating"], t["hist_rated"])
-        f = torch.cat([f, torch.zeros(len(f), 1)], dim=-1)  # an unknown candidate has no training count
+        f = torch.cat([f, torch.zeros(len(f), 5)], dim=-1)  # an unknown candidate: no neighbours, no training count
         expected = (model.collab.mu + model.collab.user_features(f).squeeze(-1)
                     + (w[0] + w[1]) * lm + w[2] + w[3])
         torch.testing.assert_close(model(**t), expected)
 
 
 def test_ids_grow_between_rounds_old_rows_unchanged(cfg):
-    net, vocab = warm_start(None, ["b", "a", "a"], dim=4)
+    net, vocab = warm_start(None, ["b", "a", "a"], dim=4, neighbours=2)
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1.0)
-    grown, vocab2 = warm_start((net, vocab), ["c", "a", "d"], dim=4)
+        net.nbr_rows[1:] = torch.tensor([[2, 0], [1, 0]])
+        net.nbr_sims[1:] = torch.tensor([[0.5, 0.0], [0.5, 0.0]])
+    grown, vocab2 = warm_start((net, vocab), ["c", "a", "d"], dim=4, neighbours=2)
+    torch.testing.assert_close(grown.nbr_rows[:3], net.nbr_rows)  # rows keep their neighbour lists until the next fit
+    assert (grown.nbr_rows[3:] == 0).all() and (grown.nbr_sims[3:] == 0).all()
     assert vocab2.ids == ["a", "b", "c", "d"] and vocab2.rows(["a", "b"]).tolist() == vocab.rows(["a", "b"]).tolist()
     for name in ("cand", "hist_liked", "hist_disliked", "item_bias"):
         old, new = getattr(net, name).weight, getattr(grown, name).weight
@@ -174,3 +178,94 @@ def test_int8_scores_agree_with_fp32_and_serve_loads_int8(cfg, tmp_path):
     served = load_version(store, "registry/versions/v0001/model", "v0001", tmp_path / "cache", quantize="int8")
     assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in served.model.lm.modules())
     np.testing.assert_allclose(score_frame(served.model, served.tokenizer, served.cfg, frame), int8, atol=1e-6)
+
+
+def _brute_force_neighbours(users, rows, labels, num_items, k):
+    """The documented similarity, written the slow obvious way."""
+    import collections
+
+    pairs = collections.defaultdict(list)
+    for u, i, y in zip(users, rows, labels):
+        pairs[(u, i)].append(y)
+    value = {key: float(np.mean(v)) for key, v in pairs.items()}
+    by_user = collections.defaultdict(dict)
+    for (u, i), v in value.items():
+        by_user[u][i] = v
+    centred = {u: {i: v - np.mean(list(items.values())) for i, v in items.items()} for u, items in by_user.items()}
+    vec = np.zeros((num_items + 1, len(centred)))
+    has = np.zeros_like(vec)
+    for col, u in enumerate(sorted(centred)):
+        for i, v in centred[u].items():
+            vec[i, col], has[i, col] = v, 1.0
+    sims = np.zeros((num_items + 1, num_items + 1))
+    for a in range(1, num_items + 1):
+        for b in range(1, num_items + 1):
+            if a != b:
+                co = (has[a] * has[b]).sum()
+                sims[a, b] = vec[a] @ vec[b] / (np.linalg.norm(vec[a]) * np.linalg.norm(vec[b]) + 1e-9) * co / (co + 25.0)
+    return sims
+
+
+def test_item_neighbours_are_the_documented_similarity():
+    from llmrec_ray.collab import item_neighbours
+
+    rng = np.random.default_rng(0)
+    n, num_items, k = 600, 9, 3
+    users = rng.choice([f"u{i}" for i in range(40)], n)
+    rows = rng.integers(1, num_items + 1, n)
+    labels = (rng.random(n) < 0.3 + 0.05 * rows).astype(float)  # items differ, so similarities are not all zero
+    nbr_rows, nbr_sims = item_neighbours(users, rows, labels, num_items, k, block=4)  # blocks cut across the items
+    sims = _brute_force_neighbours(users, rows, labels, num_items, k)
+    assert nbr_rows.shape == (num_items + 1, k) and (nbr_rows[0] == 0).all() and (nbr_sims[0] == 0).all()
+    for item in range(1, num_items + 1):
+        assert item not in nbr_rows[item]  # never its own neighbour
+        expected = np.sort(np.clip(sims[item], 0, None))[::-1][:k]
+        np.testing.assert_allclose(nbr_sims[item], expected, atol=1e-5)
+        for row, sim in zip(nbr_rows[item], nbr_sims[item]):
+            if sim > 0:
+                assert abs(sims[item, row] - sim) < 1e-5
+
+
+def test_neighbour_terms_read_the_history_against_the_candidates_list():
+    net = CollabNet(3, 4, neighbours=2)
+    with torch.no_grad():
+        net.nbr_rows[1] = torch.tensor([2, 3])  # item 1's neighbours: 2 (0.6) and 3 (0.2)
+        net.nbr_sims[1] = torch.tensor([0.6, 0.2])
+    vocab = ItemVocab(["a", "b", "c"])
+    # history (newest first): b rated 5 (liked), c rated 1, an unknown item rated 3; the mean rating is 3
+    hist = history_arrays(vocab, [["b", "c", "zz"], []], [[5.0, 1.0, 3.0], []], [[], []], 4, 4.0)
+    t = {k: torch.from_numpy(v) for k, v in hist.as_dict().items()}
+    g = net.neighbour_features(torch.tensor([1, 1]), t["hist_rows"], t["hist_present"], t["hist_liked"],
+                               t["hist_rating"], t["hist_rated"])
+    # centred ratings on the (r - 4) / 2 scale: b +1.0, c -1.0; score = (0.6 * 1 - 0.2 * 1) / (0.8 + 1e-3)
+    torch.testing.assert_close(g[0], torch.tensor([0.4 / 0.801, 0.6, 0.2, 0.8 / 3]))
+    torch.testing.assert_close(g[1], torch.zeros(4))  # no history: no neighbour evidence
+    assert (net.neighbour_features(torch.tensor([0]), t["hist_rows"][:1], t["hist_present"][:1], t["hist_liked"][:1],
+                                   t["hist_rating"][:1], t["hist_rated"][:1]) == 0).all()  # unknown candidate
+
+
+def test_tables_saved_before_the_neighbour_terms_load_and_score_as_before(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmrec_ray.collab import NUM_HISTORY_FEATURES, save_collab
+
+    vocab = ItemVocab(["a", "b", "c"])
+    net = CollabNet(len(vocab), 4)
+    with torch.no_grad():
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        net.item_logcount.copy_(torch.tensor([0.0, 1.0, 2.0, 3.0]))  # the count weight must stay the count's
+    hist = history_arrays(vocab, [["b"], ["a", "c"], []], [[5.0], [1.0, 4.0], []], [[], [], []], 3, 4.0)
+    before = predict_logits(net, vocab.rows(["a", "b", "c"]), hist)
+    save_collab(net, vocab, tmp_path)
+    state = load_file(str(tmp_path / "collab.safetensors"))  # rewrite it as the earlier format: 7 weights, no lists
+    w = state["user_features.weight"]
+    state = {k: v for k, v in state.items() if not k.startswith("nbr_")}
+    state["user_features.weight"] = torch.cat([w[:, :NUM_HISTORY_FEATURES], w[:, -1:]], 1).contiguous()
+    save_file(state, str(tmp_path / "collab.safetensors"))
+    meta = json.loads((tmp_path / "collab_vocab.json").read_text())
+    del meta["neighbours"]
+    (tmp_path / "collab_vocab.json").write_text(json.dumps(meta))
+    old, vocab2 = load_collab(tmp_path)
+    assert old.neighbours == 0 and old.user_features.weight.shape[1] == w.shape[1]
+    np.testing.assert_allclose(predict_logits(old, vocab2.rows(["a", "b", "c"]), hist), before, atol=1e-6)
