@@ -1,13 +1,15 @@
 """Retrieval, the first of the two stages of /v1/recommend: the catalogue's best N items for a user by inner product,
 which the full scorer then reranks.
 
-Why an inner product is exact: for one user, the hybrid's collaborative logit (llmrec_ray/collab.py)
+What an inner product ranks exactly: for one user, the hybrid's collaborative logit (llmrec_ray/collab.py)
 
-    mu + b[i] + <u, E[i]> + w[:6] . f(history) + w[6] * logcount[i] + bias
-  = <[u, 1], [E[i], b[i] + w[6] * logcount[i]]>  +  (terms of the user alone)
+    mu + b[i] + <u, E[i]> + w[:6] . f(history) + w[6:10] . g(history, i) + w[10] * logcount[i] + bias
+  = <[u, 1], [E[i], b[i] + w[10] * logcount[i]]>  +  w[6:10] . g(history, i)  +  (terms of the user alone)
 
-so ranking items by the collaborative part is a maximum inner product search with the item vector
-[E[i], b[i] + w[6] * logcount[i]] (dim + 1 floats) against the user vector [u, 1], u read from the request's history.
+so ranking items by the factorised part is a maximum inner product search with the item vector
+[E[i], b[i] + w[10] * logcount[i]] (dim + 1 floats) against the user vector [u, 1], u read from the request's history.
+The neighbour terms g (the history against item i's neighbour list) do not factorise: like the text part, they act
+in the rerank of the shortlist, not in the search.
 
 Items the tables never saw (new catalogue items; vocab row 0) get a vector from their text; how, and how an index is
 built, saved and loaded per version: llmrec_ray/item_index.py. `ItemIndex.add_items` indexes items that appear after

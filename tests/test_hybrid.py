@@ -214,7 +214,7 @@ def test_item_neighbours_are_the_documented_similarity():
     users = rng.choice([f"u{i}" for i in range(40)], n)
     rows = rng.integers(1, num_items + 1, n)
     labels = (rng.random(n) < 0.3 + 0.05 * rows).astype(float)  # items differ, so similarities are not all zero
-    nbr_rows, nbr_sims = item_neighbours(users, rows, labels, num_items, k, block=4)  # blocks cut across the items
+    nbr_rows, nbr_sims = item_neighbours(users, rows, labels, num_items, k)
     sims = _brute_force_neighbours(users, rows, labels, num_items, k)
     assert nbr_rows.shape == (num_items + 1, k) and (nbr_rows[0] == 0).all() and (nbr_sims[0] == 0).all()
     for item in range(1, num_items + 1):

@@ -85,9 +85,9 @@ def grow_index(index, catalog) -> list[str]:
 
 def shortlist(state: Loaded, item: ScoreItem) -> ScoreItem:
     """The retrieval stage: the request cut to the `item.shortlist` candidates the version's item index ranks best
-    (the collaborative part's own ranking, exact), plus every candidate the index does not hold (catalogue items
-    newer than the version that grow_index has not added yet: the scorer ranks them from text). Unchanged without an
-    index or when the pool is short already."""
+    (the collaborative part's factorised ranking, exact; its neighbour terms and the text act in the rerank), plus
+    every candidate the index does not hold (catalogue items newer than the version that grow_index has not added
+    yet: the scorer ranks them from text). Unchanged without an index or when the pool is short already."""
     from llmrec_ray.retrieval import user_vectors
 
     n = item.shortlist
