@@ -97,9 +97,8 @@ class CollabNet(nn.Module):
 
     def neighbour_features(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
         """(B, NUM_NEIGHBOUR_FEATURES): the history's items against the candidate's neighbour list."""
-        b = len(cand_rows)
         if self.neighbours == 0:
-            return torch.zeros(b, NUM_NEIGHBOUR_FEATURES)
+            return torch.zeros(len(cand_rows), NUM_NEIGHBOUR_FEATURES, dtype=hist_rating.dtype, device=hist_rating.device)
         known = hist_present * (hist_rows != UNKNOWN).float()
         match = self.nbr_rows[cand_rows].unsqueeze(1) == hist_rows.unsqueeze(-1)  # (B, H, K)
         s = (match * self.nbr_sims[cand_rows].unsqueeze(1)).sum(-1) * known  # (B, H) s(cand, j)

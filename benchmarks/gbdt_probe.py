@@ -1,0 +1,173 @@
+"""Probe: how strong can a classical model get on the quality protocol? (issue 11; a finding, not an arm)
+
+    pip install lightgbm    # not a project dependency: this probe only
+    .venv/bin/python benchmarks/gbdt_probe.py [--label-weeks 20] [--linear] [--leaky] [--drop knn,gen] [--work out/quality]
+
+Same data, split and scoring as benchmarks/quality_ml100k.py: for each of the 4 test weeks, a model frozen at the
+week's start scores every row of it, a row's history = every earlier event of its user. The model: gradient-boosted
+trees (LightGBM, 400 trees, 15 leaves) or, with --linear, logistic regression, on hand-made features of the row's
+history (count, like rate, mean / spread of ratings, the last 5 ratings, deviation from the items' means) and of
+the candidate (count, smoothed like rate and mean rating, spread, age, release year, like rate of its last two
+weeks), and the history against the candidate: item-item similarity (adjusted cosine over co-ratings, shrunk) and
+genre similarity, each as a weighted mean-centred rating and max / mean similarity (prefix knn_ / gen_).
+
+Training rows are the events of the --label-weeks weeks before the test week; the item statistics and similarities
+they read come from a snapshot of the events BEFORE those weeks (--leaky: from every event before the test week,
+i.e. counting the rows' own labels). The test week reads a snapshot of every event before it.
+Prints AUC per week and pooled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from quality_ml100k import OVERRIDES, fast_auc, prepare, week_bounds  # a script beside it
+from llmrec_ray.config import load_config
+from llmrec_ray.store import Store
+
+HISTORY = 50
+DAY = 86400
+
+
+class Features:
+    def __init__(self, events: pd.DataFrame, examples: pd.DataFrame):
+        self.items = {k: i + 1 for i, k in enumerate(sorted(set(events["item_id"])))}  # row 0: unknown
+        self.users = {k: i for i, k in enumerate(sorted(set(events["user_id"])))}
+        size = len(self.items) + 1
+        texts = examples.groupby("item_id")["candidate_text"].first()  # "Title (year) | genre, genre"
+        genres = sorted({g.strip() for t in texts for g in t.rsplit(" | ", 1)[-1].split(",")})
+        g = np.zeros((size, len(genres)), np.float32)
+        self.year = np.full(size, np.nan, np.float32)
+        for item, text in texts.items():
+            for name in text.rsplit(" | ", 1)[-1].split(","):
+                g[self.items[item], genres.index(name.strip())] = 1.0
+            year = re.search(r"\((\d{4})\)", text)
+            self.year[self.items[item]] = float(year.group(1)) if year else np.nan
+        g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-6)
+        self.genre_sims = g @ g.T
+
+    def snapshot(self, ev: pd.DataFrame) -> dict:
+        """Item statistics and item-item similarities of the events `ev` (what a model frozen after them knows)."""
+        size, a = len(self.items) + 1, 10.0
+        item = ev["item_id"].map(self.items).to_numpy()
+        user = ev["user_id"].map(self.users).to_numpy()
+        r, y = ev["rating"].to_numpy(float), ev["label"].to_numpy(float)
+        cnt = np.bincount(item, minlength=size).astype(float)
+        rate = (np.bincount(item, y, size) + a * y.mean()) / (cnt + a)
+        mean = (np.bincount(item, r, size) + a * r.mean()) / (cnt + a)
+        raw_mean = np.bincount(item, r, size) / np.maximum(cnt, 1)
+        std = np.sqrt(np.maximum(np.bincount(item, r * r, size) / np.maximum(cnt, 1) - raw_mean ** 2, 0))
+        first = pd.Series(ev["timestamp"].to_numpy(), index=item).groupby(level=0).min().reindex(range(size)).to_numpy(float)
+        recent = ev["timestamp"].to_numpy() >= ev["timestamp"].max() - 14 * DAY
+        rcnt = np.bincount(item[recent], minlength=size).astype(float)
+        rrate = (np.bincount(item[recent], y[recent], size) + a * rate) / (rcnt + a)
+        num_users = len(self.users)
+        umean = np.bincount(user, r, num_users) / np.maximum(np.bincount(user, minlength=num_users), 1)
+        centred, has = np.zeros((size, num_users), np.float32), np.zeros((size, num_users), np.float32)
+        centred[item, user], has[item, user] = r - umean[user], 1.0
+        norm = np.sqrt((centred * centred).sum(1)) + 1e-6
+        co = has @ has.T
+        sims = (centred @ centred.T) / np.outer(norm, norm) * (co / (co + 25.0))
+        np.fill_diagonal(sims, 0.0)
+        sims[0], sims[:, 0] = 0.0, 0.0
+        return dict(cnt=cnt, rate=rate, mean=mean, std=std, first=first, rcnt=rcnt, rrate=rrate, sims=sims,
+                    global_rating=r.mean())
+
+    def frame(self, rows: pd.DataFrame, snap: dict) -> pd.DataFrame:
+        c = rows["item_id"].map(self.items).fillna(0).astype(int).to_numpy()
+        hi = np.zeros((len(rows), HISTORY), np.int64)
+        hr = np.full((len(rows), HISTORY), np.nan, np.float32)
+        for k, (ids, rs) in enumerate(zip(rows["history_ids"], rows["history_ratings"])):
+            m = min(len(ids), HISTORY)
+            hi[k, :m] = [self.items.get(i, 0) for i in ids[:m]]
+            hr[k, :m] = rs[:m]
+        present = ~np.isnan(hr)
+        n = present.sum(1)
+        r = np.nan_to_num(hr)
+        ubar = np.where(n > 0, r.sum(1) / np.maximum(n, 1), snap["global_rating"])
+        centred = np.where(present, r - ubar[:, None], 0.0)
+        liked = np.where(present, (r >= 4).astype(float), 0.0)
+        known = present & (hi > 0)
+        dev = np.where(known, r - snap["mean"][hi], 0.0).sum(1) / (known.sum(1) + 1)
+        out = dict(n=np.log1p(n), like_rate=(liked.sum(1) + 2.2) / (n + 4), ubar=ubar,
+                   ustd=np.sqrt((centred ** 2).sum(1) / np.maximum(n, 1)),
+                   last5=np.where(present[:, :5], r[:, :5], 0).sum(1) / np.maximum(present[:, :5].sum(1), 1) - ubar,
+                   last1=np.where(present[:, 0], r[:, 0], np.nan), rdev=dev,
+                   icnt=np.log1p(snap["cnt"][c]), irate=snap["rate"][c], imean=snap["mean"][c], istd=snap["std"][c],
+                   iage=(rows["timestamp"].to_numpy() - snap["first"][c]) / DAY, year=self.year[c],
+                   irrate=snap["rrate"][c], ircnt=np.log1p(snap["rcnt"][c]), pred=snap["mean"][c] + dev)
+        for name, sims in (("knn", snap["sims"]), ("gen", self.genre_sims)):
+            s = sims[c[:, None], hi] * present
+            out[name] = (s * centred).sum(1) / (np.abs(s).sum(1) + 1e-3)
+            out[name + "_max_liked"] = np.where(liked > 0, s, -1).max(1)
+            out[name + "_max_disliked"] = np.where(present & (liked == 0), s, -1).max(1)
+            out[name + "_mean"] = s.sum(1) / np.maximum(n, 1)
+        return pd.DataFrame(out)
+
+
+def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, linear: bool) -> np.ndarray:
+    if linear:
+        import torch
+
+        a, b = (np.nan_to_num(x.to_numpy(np.float32)) for x in (x_train, x_test))
+        mu, sd = a.mean(0), a.std(0) + 1e-6
+        xa, xb = torch.tensor((a - mu) / sd), torch.tensor((b - mu) / sd)
+        target = torch.tensor(y, dtype=torch.float32)
+        lin = torch.nn.Linear(a.shape[1], 1)
+        opt = torch.optim.LBFGS(lin.parameters(), lr=0.5, max_iter=300)
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(lin(xa).squeeze(-1), target)
+            (loss + 1e-4 * lin.weight.pow(2).sum()).backward()
+            return loss
+
+        opt.step(closure)
+        return lin(xb).squeeze(-1).detach().numpy()
+    try:
+        import lightgbm as lgb
+    except ImportError:
+        raise SystemExit("gbdt_probe.py needs lightgbm (not a project dependency): .venv/bin/pip install lightgbm, "
+                         "or run with --linear") from None
+    params = dict(objective="binary", learning_rate=0.03, num_leaves=15, min_data_in_leaf=50, bagging_fraction=0.8,
+                  bagging_freq=1, feature_fraction=0.8, lambda_l2=1.0, verbose=-1, seed=0, num_threads=2)
+    return lgb.train(params, lgb.Dataset(x_train, y), 400).predict(x_test)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--label-weeks", type=int, default=20)
+    p.add_argument("--linear", action="store_true")
+    p.add_argument("--leaky", action="store_true")
+    p.add_argument("--drop", default="", help="comma-separated feature names or prefixes (knn, gen) to leave out")
+    p.add_argument("--work", default="out/quality")
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}"])
+    keys, events, examples = prepare(cfg, Store.from_config(cfg.store), work)
+    feats = Features(events, examples)
+    drop = [d for d in args.drop.split(",") if d]
+    weeks, ys, ps = week_bounds(keys, 4), [], []
+    for w, (_, start) in enumerate(weeks):
+        end = weeks[w + 1][1] if w + 1 < len(weeks) else int(events["timestamp"].max()) + 1
+        cut = start - args.label_weeks * 7 * DAY
+        train = examples[(examples["timestamp"] >= cut) & (examples["timestamp"] < start)]
+        test = examples[(examples["timestamp"] >= start) & (examples["timestamp"] < end)]
+        x_train = feats.frame(train, feats.snapshot(events[events["timestamp"] < (start if args.leaky else cut)]))
+        x_test = feats.frame(test, feats.snapshot(events[events["timestamp"] < start]))
+        cols = [c for c in x_train.columns if not any(c == d or c.startswith(d + "_") for d in drop)]
+        ys.append(test["label"].to_numpy())
+        ps.append(fit_predict(x_train[cols], train["label"].to_numpy(), x_test[cols], args.linear))
+        print(f"week {w + 1}: {len(train):,} training rows, {len(test):,} scored, AUC {fast_auc(ys[-1], ps[-1]):.4f}",
+              flush=True)
+    print(f"pooled over 4 weeks: AUC {fast_auc(np.concatenate(ys), np.concatenate(ps)):.4f}")
+
+
+if __name__ == "__main__":
+    main()
