@@ -195,9 +195,10 @@ def item_neighbours(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num
         a, b = g.indices().numpy()
         return a, b, g.values().numpy()
 
-    a, b, num = gram(centred)
-    a2, b2, co = gram(np.ones(len(item)))
-    assert np.array_equal(a, a2) and np.array_equal(b, b2), "co-rating patterns differ"
+    a, b, co = gram(np.ones(len(item)))  # every pair with a common user
+    a2, b2, part = gram(centred)  # the same pairs, or fewer where the product dropped exact zeros
+    num = np.zeros(len(a))
+    num[np.searchsorted(a * size + b, a2 * size + b2)] = part  # both sorted by (a, b)
     norm = np.sqrt(np.bincount(item, centred ** 2, size))
     sim = num / (norm[a] * norm[b] + 1e-9) * co / (co + SHRINK)
     ok = (a != b) & (sim > 0)

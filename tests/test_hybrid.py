@@ -214,6 +214,10 @@ def test_item_neighbours_are_the_documented_similarity():
     users = rng.choice([f"u{i}" for i in range(40)], n)
     rows = rng.integers(1, num_items + 1, n)
     labels = (rng.random(n) < 0.3 + 0.05 * rows).astype(float)  # items differ, so similarities are not all zero
+    # a user who likes everything: centred labels of exactly zero (co-rated, but adds nothing to the products)
+    users = np.concatenate([users, ["fan"] * num_items])
+    rows = np.concatenate([rows, np.arange(1, num_items + 1)])
+    labels = np.concatenate([labels, np.ones(num_items)])
     nbr_rows, nbr_sims = item_neighbours(users, rows, labels, num_items, k)
     sims = _brute_force_neighbours(users, rows, labels, num_items, k)
     assert nbr_rows.shape == (num_items + 1, k) and (nbr_rows[0] == 0).all() and (nbr_sims[0] == 0).all()
