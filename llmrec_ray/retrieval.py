@@ -36,6 +36,7 @@ from llmrec_ray.ids import UNKNOWN, history_arrays
 if TYPE_CHECKING:  # item_index imports this module; the index only calls what it is given
     from llmrec_ray.item_index import ItemSource, TextProjection
 
+NEIGHBOUR_SHARE = 4  # 1/4 of a shortlist comes from the neighbour lists of the history's liked items
 SMALL_POOL_SHARE = 64  # a pool of at most 1/64 of the items is scored alone; larger ones are columns of a full pass
 
 
@@ -66,6 +67,45 @@ def user_vectors(model, cfg, histories: Sequence[Sequence[str]], ratings: Option
     with torch.inference_mode():
         u, _ = model.collab.user_side(**{k: torch.from_numpy(v) for k, v in hist.as_dict().items()})
     return np.concatenate([u.float().numpy(), np.ones((b, 1), np.float32)], axis=1)
+
+
+def neighbour_items(model, cfg, history: Sequence[str], ratings: Sequence[Optional[float]], m: int) -> list[str]:
+    """Up to m item ids from the neighbour lists of the history's liked items, best first (summed similarity; the
+    history's own items left out): the shortlist's second source, for the neighbour terms the inner product
+    cannot see. Empty for tables without neighbour lists."""
+    require_hybrid(model)
+    collab = model.collab
+    if collab.neighbours == 0 or m < 1 or not history:
+        return []
+    hist = history_arrays(model.vocab, [list(history)], [[np.nan if r is None else float(r) for r in ratings]], [[]],
+                          max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
+    rows = hist.rows[0]
+    weight = hist.liked[0] * hist.present[0] * (rows != UNKNOWN)
+    lists = collab.nbr_rows[torch.from_numpy(rows)].numpy()  # (H, K)
+    sims = collab.nbr_sims[torch.from_numpy(rows)].numpy() * weight[:, None]
+    score = np.bincount(lists.ravel(), sims.ravel(), collab.num_items + 1)
+    score[UNKNOWN] = 0.0
+    score[rows] = 0.0
+    best = np.argsort(-score, kind="stable")[:m]
+    return [model.vocab.ids[r - 1] for r in best if score[r] > 0]
+
+
+def shortlist_ids(model, cfg, index: "ItemIndex", history: Sequence[str], ratings: Sequence[Optional[float]], n: int,
+                  pool: Optional[set] = None, exclude: Sequence[str] = ()) -> list[str]:
+    """The n items a rerank scores: the index's best by inner product (the factorised part of the collaborative
+    logit, exact), with n // NEIGHBOUR_SHARE places given to the items most similar to the history's liked items
+    (the neighbour terms, which the inner product cannot see); places the neighbour lists do not fill go back to the
+    index. pool: the item ids allowed (None = every indexed item); exclude: ids never returned."""
+    allowed = None if pool is None else index.rows(sorted(pool))
+    user = user_vectors(model, cfg, [list(history)], [list(ratings)])
+    ranked = index.top_n(user, n, allowed=allowed, exclude=[list(exclude)])[0].item_ids
+    m = n // NEIGHBOUR_SHARE
+    out = ranked[:n - m]
+    taken = set(out) | set(map(str, exclude))
+    out += [i for i in neighbour_items(model, cfg, history, ratings, n)
+            if i not in taken and i in index and (pool is None or i in pool)][:m]
+    taken = set(out)
+    return out + [i for i in ranked[n - m:] if i not in taken][:n - len(out)]
 
 
 def model_key(model) -> str:

@@ -210,3 +210,36 @@ def test_missing_genres_of_any_kind_are_no_genres():
     index = ItemIndex(["a", "b", "c", "d"], np.eye(4, dtype=np.float32), version="v0001",
                       genres=pd.array(["X|Y", pd.NA, None, "Y"], dtype="string").tolist()[:2] + [float("nan"), ["Y"]])
     assert index.genre_rows("Y").tolist() == [0, 3] and index.genre_rows("X").tolist() == [0]
+
+
+def test_shortlist_gives_a_share_to_the_liked_history_items_neighbours(cfg, tmp_path):
+    """The neighbour terms do not factorise, so the index alone can miss the items they lift: a quarter of the
+    shortlist comes from the neighbour lists of the liked history items, the rest from the index."""
+    from llmrec_ray.retrieval import neighbour_items, shortlist_ids
+
+    model, tokenizer = _hybrid(cfg)
+    collab = CollabNet(len(KNOWN), cfg.model.collab.dim, neighbours=2)
+    collab.load_state_dict({**model.collab.state_dict(), "nbr_rows": collab.nbr_rows, "nbr_sims": collab.nbr_sims},
+                           strict=False)
+    model.collab = collab
+    index = build_index(model, tokenizer, cfg, CATALOG, [TEXTS[i] for i in CATALOG],
+                        [GENRES[k % 3] for k in range(len(CATALOG))], version="v0001")
+    history, ratings = ["3", "7"], [5.0, 1.0]  # "3" liked, "7" not
+    plain = index.top_n(user_vectors(model, cfg, [history], [ratings]), 4, exclude=[history])[0].item_ids
+    outside = [i for i in KNOWN if i not in plain and i not in history]  # items the index does not shortlist
+    assert shortlist_ids(model, cfg, index, history, ratings, 4, exclude=history) == plain  # no lists: the index's
+    rows = model.vocab.rows
+    with torch.no_grad():  # "3"'s neighbours: two items outside the index's top 4; "7" (disliked) lists another
+        collab.nbr_rows[rows(["3"])[0]] = torch.from_numpy(rows(outside[:2]))
+        collab.nbr_sims[rows(["3"])[0]] = torch.tensor([0.9, 0.5])
+        collab.nbr_rows[rows(["7"])[0]] = torch.from_numpy(rows(outside[2:4]))
+        collab.nbr_sims[rows(["7"])[0]] = torch.tensor([0.9, 0.9])
+    assert neighbour_items(model, cfg, history, ratings, 10) == outside[:2]  # liked items' lists only, best first
+    got = shortlist_ids(model, cfg, index, history, ratings, 4, exclude=history)
+    assert got == plain[:3] + outside[:1]  # n // 4 = 1 place
+    got = shortlist_ids(model, cfg, index, history, ratings, 8, exclude=history)
+    assert len(got) == 8 and got[:6] == index.top_n(user_vectors(model, cfg, [history], [ratings]), 8,
+                                                     exclude=[history])[0].item_ids[:6] and set(outside[:2]) <= set(got)
+    # a pool without the neighbours: the index fills the places
+    pool = set(plain) | {outside[2]}
+    assert set(shortlist_ids(model, cfg, index, history, ratings, 4, pool=pool, exclude=history)) == set(plain)

@@ -85,19 +85,20 @@ def grow_index(index, catalog) -> list[str]:
 
 def shortlist(state: Loaded, item: ScoreItem) -> ScoreItem:
     """The retrieval stage: the request cut to the `item.shortlist` candidates the version's item index ranks best
-    (the collaborative part's factorised ranking, exact; its neighbour terms and the text act in the rerank), plus
-    every candidate the index does not hold (catalogue items newer than the version that grow_index has not added
-    yet: the scorer ranks them from text). Unchanged without an index or when the pool is short already."""
-    from llmrec_ray.retrieval import user_vectors
+    (llmrec_ray/retrieval.py shortlist_ids: the factorised ranking, and the items most similar to the history's
+    liked items for a quarter of the places), plus every candidate the index does not hold (catalogue items newer
+    than the version that grow_index has not added yet: the scorer ranks them from text). Unchanged without an index
+    or when the pool is short already."""
+    from llmrec_ray.retrieval import shortlist_ids
 
     n = item.shortlist
     if n is None or state.index is None or len(item.candidate_ids) <= n:
         return item
     ids = item.candidate_ids
     indexed = {i for i in ids if i is not None and i in state.index}  # read once: the index may grow meanwhile
-    user = user_vectors(state.model, state.cfg, [[i for i in item.history_ids if i is not None]],
-                        [[r for i, r in zip(item.history_ids, item.history_ratings) if i is not None]])
-    chosen = set(state.index.top_n(user, n, allowed=state.index.rows(sorted(indexed)))[0].item_ids)
+    history = [i for i in item.history_ids if i is not None]
+    ratings = [r for i, r in zip(item.history_ids, item.history_ratings) if i is not None]
+    chosen = set(shortlist_ids(state.model, state.cfg, state.index, history, ratings, n, pool=indexed))
     keep = [k for k, i in enumerate(ids) if i not in indexed or i in chosen]
     return dataclasses.replace(item, candidate_texts=[item.candidate_texts[k] for k in keep],
                                candidate_ids=[ids[k] for k in keep], shortlist=None)
