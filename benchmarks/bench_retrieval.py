@@ -174,7 +174,7 @@ def quality(work: Path, model_name: str, num_users: int, n: int, seed: int) -> d
         uv = user_vectors(model, cfg, [row.history_ids], [row.history_ratings], [row.history_labels])
         retrieved = index.top_n(uv, max(max(RECALL_AT), n), exclude=[row.history_ids])[0].item_ids
         timing["retrieve_s"].append(time.perf_counter() - t0)
-        # what Serve reranks: the index's best plus the neighbour lists' share (retrieval.shortlist_ids)
+        # what Serve reranks: the index's best with the neighbour terms added (retrieval.shortlist_ids)
         short = shortlist_ids(model, cfg, index, row.history_ids, row.history_ratings, n, exclude=row.history_ids)
         two_stage = sorted(short, key=lambda i: -probs[position[i]])  # the same scores a rerank of the n computes
         top10 = set(exhaustive[:10])
@@ -224,7 +224,7 @@ def markdown(result: dict) -> str:
                   "| recall of the exhaustive top-10 within the retrieved N | " + " | ".join(f"N={r}" for r in RECALL_AT)
                   + " |", "|---|" + "---|" * len(RECALL_AT),
                   "| mean | " + " | ".join(f"{m[f'recall@{r}']:.3f}" for r in RECALL_AT) + " |", "",
-                  f"Within the shortlist Serve reranks ({q['n']}: the index's best + the neighbour lists' share, "
+                  f"Within the shortlist Serve reranks ({q['n']}: the index's inner product + the neighbour terms, "
                   f"retrieval.shortlist_ids): {m['recall_shortlist']:.3f}.", "",
                   "| ranking of the held-out liked item (catalogue, history excluded) | HR@10 | NDCG@10 |", "|---|---|---|",
                   f"| exhaustive: the full hybrid over all {q['catalogue_items']:,} items | {m['exhaustive_hr@10']:.3f} | "

@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import numpy as np
 import torch
 
-from llmrec_ray.collab import CollabNet
+from llmrec_ray.collab import NUM_HISTORY_FEATURES, NUM_NEIGHBOUR_FEATURES, CollabNet
 from llmrec_ray.ids import UNKNOWN, history_arrays
 
 if TYPE_CHECKING:  # item_index imports this module; the index only calls what it is given
     from llmrec_ray.item_index import ItemSource, TextProjection
 
-NEIGHBOUR_SHARE = 4  # 1/4 of a shortlist comes from the neighbour lists of the history's liked items
 SMALL_POOL_SHARE = 64  # a pool of at most 1/64 of the items is scored alone; larger ones are columns of a full pass
 
 
@@ -69,43 +68,43 @@ def user_vectors(model, cfg, histories: Sequence[Sequence[str]], ratings: Option
     return np.concatenate([u.float().numpy(), np.ones((b, 1), np.float32)], axis=1)
 
 
-def neighbour_items(model, cfg, history: Sequence[str], ratings: Sequence[Optional[float]], m: int) -> list[str]:
-    """Up to m item ids from the neighbour lists of the history's liked items, best first (summed similarity; the
-    history's own items left out): the shortlist's second source, for the neighbour terms the inner product
-    cannot see. Empty for tables without neighbour lists."""
+def neighbour_lift(model, cfg, history: Sequence[str], ratings: Sequence[Optional[float]]) -> dict[str, float]:
+    """{item id: w . g(history, item)}: what the neighbour terms add to the collaborative logit, for the items in the
+    neighbour lists of the history's items (similarity is symmetric before each list keeps its top k, so these are
+    the items whose own lists can hold a history item). Empty for tables without neighbour lists."""
     require_hybrid(model)
     collab = model.collab
-    if collab.neighbours == 0 or m < 1 or not history:
-        return []
+    if collab.neighbours == 0 or not history:
+        return {}
     hist = history_arrays(model.vocab, [list(history)], [[np.nan if r is None else float(r) for r in ratings]], [[]],
                           max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
-    rows = hist.rows[0]
-    weight = hist.liked[0] * hist.present[0] * (rows != UNKNOWN)
-    lists = collab.nbr_rows[torch.from_numpy(rows)].numpy()  # (H, K)
-    sims = collab.nbr_sims[torch.from_numpy(rows)].numpy() * weight[:, None]
-    score = np.bincount(lists.ravel(), sims.ravel(), collab.num_items + 1)
-    score[UNKNOWN] = 0.0
-    score[rows] = 0.0
-    best = np.argsort(-score, kind="stable")[:m]
-    return [model.vocab.ids[r - 1] for r in best if score[r] > 0]
+    rows = hist.rows[0][hist.rows[0] != UNKNOWN]
+    cand = np.setdiff1d(collab.nbr_rows[torch.from_numpy(rows)].numpy().ravel(), [UNKNOWN, *rows])
+    if len(cand) == 0:
+        return {}
+    t = {k: torch.from_numpy(v).expand(len(cand), -1) for k, v in hist.as_dict().items()}
+    w = collab.user_features.weight[0, NUM_HISTORY_FEATURES:NUM_HISTORY_FEATURES + NUM_NEIGHBOUR_FEATURES]
+    with torch.inference_mode():
+        lift = collab.neighbour_features(torch.from_numpy(cand), **t) @ w
+    return {model.vocab.ids[r - 1]: float(x) for r, x in zip(cand, lift)}
 
 
 def shortlist_ids(model, cfg, index: "ItemIndex", history: Sequence[str], ratings: Sequence[Optional[float]], n: int,
                   pool: Optional[set] = None, exclude: Sequence[str] = ()) -> list[str]:
-    """The n items a rerank scores: the index's best by inner product (the factorised part of the collaborative
-    logit, exact), with n // NEIGHBOUR_SHARE places given to the items most similar to the history's liked items
-    (the neighbour terms, which the inner product cannot see); places the neighbour lists do not fill go back to the
-    index. pool: the item ids allowed (None = every indexed item); exclude: ids never returned."""
+    """The n items a rerank scores: the best by the collaborative logit's item-dependent part -- the index's inner
+    product (exact), plus the neighbour terms for the items they can lift (neighbour_lift), which the inner product
+    cannot see. pool: the item ids allowed (None = every indexed item); exclude: ids never returned."""
     allowed = None if pool is None else index.rows(sorted(pool))
     user = user_vectors(model, cfg, [list(history)], [list(ratings)])
-    ranked = index.top_n(user, n, allowed=allowed, exclude=[list(exclude)])[0].item_ids
-    m = n // NEIGHBOUR_SHARE
-    out = ranked[:n - m]
-    taken = set(out) | set(map(str, exclude))
-    out += [i for i in neighbour_items(model, cfg, history, ratings, n)
-            if i not in taken and i in index and (pool is None or i in pool)][:m]
-    taken = set(out)
-    return out + [i for i in ranked[n - m:] if i not in taken][:n - len(out)]
+    top = index.top_n(user, n, allowed=allowed, exclude=[list(exclude)])[0]
+    score = dict(zip(top.item_ids, top.scores.tolist()))
+    skip = set(map(str, exclude))
+    lift = {i: x for i, x in neighbour_lift(model, cfg, history, ratings).items()
+            if i in index and i not in skip and (pool is None or i in pool)}
+    if lift:
+        lifted = index.top_n(user, len(lift), allowed=index.rows(sorted(lift)))[0]
+        score.update({i: s + lift[i] for i, s in zip(lifted.item_ids, lifted.scores.tolist())})
+    return sorted(score, key=lambda i: -score[i])[:n]
 
 
 def model_key(model) -> str:

@@ -212,10 +212,10 @@ def test_missing_genres_of_any_kind_are_no_genres():
     assert index.genre_rows("Y").tolist() == [0, 3] and index.genre_rows("X").tolist() == [0]
 
 
-def test_shortlist_gives_a_share_to_the_liked_history_items_neighbours(cfg, tmp_path):
-    """The neighbour terms do not factorise, so the index alone can miss the items they lift: a quarter of the
-    shortlist comes from the neighbour lists of the liked history items, the rest from the index."""
-    from llmrec_ray.retrieval import neighbour_items, shortlist_ids
+def test_shortlist_ranks_by_the_whole_collaborative_logit_neighbour_terms_included(cfg):
+    """The neighbour terms do not factorise, so the index alone misses the items they lift: the shortlist adds them
+    for the items in the history items' neighbour lists, and then ranks as the collaborative part does."""
+    from llmrec_ray.retrieval import neighbour_lift, shortlist_ids
 
     model, tokenizer = _hybrid(cfg)
     collab = CollabNet(len(KNOWN), cfg.model.collab.dim, neighbours=2)
@@ -225,21 +225,30 @@ def test_shortlist_gives_a_share_to_the_liked_history_items_neighbours(cfg, tmp_
     index = build_index(model, tokenizer, cfg, CATALOG, [TEXTS[i] for i in CATALOG],
                         [GENRES[k % 3] for k in range(len(CATALOG))], version="v0001")
     history, ratings = ["3", "7"], [5.0, 1.0]  # "3" liked, "7" not
-    plain = index.top_n(user_vectors(model, cfg, [history], [ratings]), 4, exclude=[history])[0].item_ids
-    outside = [i for i in KNOWN if i not in plain and i not in history]  # items the index does not shortlist
-    assert shortlist_ids(model, cfg, index, history, ratings, 4, exclude=history) == plain  # no lists: the index's
+    pool = set(KNOWN) - set(history)
+    hist = history_arrays(model.vocab, [history], [ratings], [[]], 5, 4.0)
+
+    def collab_top(n):  # the collaborative logit of every pool item, the slow obvious way
+        ids = sorted(pool)
+        logits = predict_logits(collab, model.vocab.rows(ids), type(hist)(*(np.repeat(a, len(ids), 0) for a in (
+            hist.rows, hist.present, hist.liked, hist.rating, hist.rated))))
+        return [ids[k] for k in np.argsort(-logits, kind="stable")[:n]]
+
+    plain = shortlist_ids(model, cfg, index, history, ratings, 4, pool=pool, exclude=history)
+    assert neighbour_lift(model, cfg, history, ratings) == {} and plain == collab_top(4)  # no lists: the index's
+    outside = [i for i in sorted(pool) if i not in collab_top(4)]  # 4 items below the top
     rows = model.vocab.rows
-    with torch.no_grad():  # "3"'s neighbours: two items outside the index's top 4; "7" (disliked) lists another
-        collab.nbr_rows[rows(["3"])[0]] = torch.from_numpy(rows(outside[:2]))
-        collab.nbr_sims[rows(["3"])[0]] = torch.tensor([0.9, 0.5])
-        collab.nbr_rows[rows(["7"])[0]] = torch.from_numpy(rows(outside[2:4]))
-        collab.nbr_sims[rows(["7"])[0]] = torch.tensor([0.9, 0.9])
-    assert neighbour_items(model, cfg, history, ratings, 10) == outside[:2]  # liked items' lists only, best first
-    got = shortlist_ids(model, cfg, index, history, ratings, 4, exclude=history)
-    assert got == plain[:3] + outside[:1]  # n // 4 = 1 place
-    got = shortlist_ids(model, cfg, index, history, ratings, 8, exclude=history)
-    assert len(got) == 8 and got[:6] == index.top_n(user_vectors(model, cfg, [history], [ratings]), 8,
-                                                     exclude=[history])[0].item_ids[:6] and set(outside[:2]) <= set(got)
-    # a pool without the neighbours: the index fills the places
-    pool = set(plain) | {outside[2]}
-    assert set(shortlist_ids(model, cfg, index, history, ratings, 4, pool=pool, exclude=history)) == set(plain)
+    with torch.no_grad():  # symmetric lists: "3" ~ a, b; "7" ~ c; the neighbour terms weigh a lot
+        for j, near in (("3", outside[:2]), ("7", outside[2:3])):
+            collab.nbr_rows[rows([j])[0], :len(near)] = torch.from_numpy(rows(near))
+            collab.nbr_sims[rows([j])[0], :len(near)] = 0.9
+            for i in near:
+                collab.nbr_rows[rows([i])[0], 0] = int(rows([j])[0])
+                collab.nbr_sims[rows([i])[0], 0] = 0.9
+        collab.user_features.weight[0, 6:10] = torch.tensor([4.0, 4.0, -4.0, 2.0])
+    lift = neighbour_lift(model, cfg, history, ratings)
+    assert set(lift) == set(outside[:3]) and lift[outside[0]] > 0 > lift[outside[2]]
+    top = collab_top(4)
+    assert set(outside[:2]) <= set(top)  # the lifted items now belong to the collaborative top 4 ...
+    assert shortlist_ids(model, cfg, index, history, ratings, 4, pool=pool, exclude=history) == top  # ... and here
+    assert outside[0] not in shortlist_ids(model, cfg, index, history, ratings, 4, pool=pool - {outside[0]})
