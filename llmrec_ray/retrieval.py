@@ -69,9 +69,8 @@ def user_vectors(model, cfg, histories: Sequence[Sequence[str]], ratings: Option
 
 
 def neighbour_lift(model, cfg, history: Sequence[str], ratings: Sequence[Optional[float]]) -> dict[str, float]:
-    """{item id: w . g(history, item)}: what the neighbour terms add to the collaborative logit, for the items in the
-    neighbour lists of the history's items (similarity is symmetric before each list keeps its top k, so these are
-    the items whose own lists can hold a history item). Empty for tables without neighbour lists."""
+    """{item id: w . g(history, item)}: what the neighbour terms add to the collaborative logit, for every item whose
+    neighbour list holds a history item (for any other item they are zero). Empty for tables without neighbour lists."""
     require_hybrid(model)
     collab = model.collab
     if collab.neighbours == 0 or not history:
@@ -79,7 +78,9 @@ def neighbour_lift(model, cfg, history: Sequence[str], ratings: Sequence[Optiona
     hist = history_arrays(model.vocab, [list(history)], [[np.nan if r is None else float(r) for r in ratings]], [[]],
                           max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     rows = hist.rows[0][hist.rows[0] != UNKNOWN]
-    cand = np.setdiff1d(collab.nbr_rows[torch.from_numpy(rows)].numpy().ravel(), [UNKNOWN, *rows])
+    listed_by, starts = _listed_by(collab)
+    cand = np.setdiff1d(np.concatenate([listed_by[starts[r]:starts[r + 1]] for r in rows] or [np.zeros(0, np.int64)]),
+                        [UNKNOWN, *rows])
     if len(cand) == 0:
         return {}
     t = {k: torch.from_numpy(v).expand(len(cand), -1) for k, v in hist.as_dict().items()}
@@ -87,6 +88,22 @@ def neighbour_lift(model, cfg, history: Sequence[str], ratings: Sequence[Optiona
     with torch.inference_mode():
         lift = collab.neighbour_features(torch.from_numpy(cand), **t) @ w
     return {model.vocab.ids[r - 1]: float(x) for r, x in zip(cand, lift)}
+
+
+def _listed_by(collab: CollabNet) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbour lists turned round: the items whose lists hold row r are listed_by[starts[r]:starts[r + 1]].
+    Built once per table (O(items x neighbours)) and kept on it until the lists change."""
+    key = (collab.nbr_rows.data_ptr(), collab.nbr_rows._version)
+    cached = getattr(collab, "_listed_by", None)
+    if cached is None or cached[0] != key:
+        lists = collab.nbr_rows.numpy()
+        owner = np.repeat(np.arange(len(lists)), lists.shape[1])
+        target = lists.ravel()
+        order = np.argsort(target, kind="stable")
+        starts = np.searchsorted(target[order], np.arange(len(lists) + 1))
+        cached = (key, owner[order], starts)
+        collab._listed_by = cached
+    return cached[1], cached[2]
 
 
 def shortlist_ids(model, cfg, index: "ItemIndex", history: Sequence[str], ratings: Sequence[Optional[float]], n: int,

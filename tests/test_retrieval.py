@@ -238,10 +238,8 @@ def test_shortlist_ranks_by_the_whole_collaborative_logit_neighbour_terms_includ
     assert neighbour_lift(model, cfg, history, ratings) == {} and plain == collab_top(4)  # no lists: the index's
     outside = [i for i in sorted(pool) if i not in collab_top(4)]  # 4 items below the top
     rows = model.vocab.rows
-    with torch.no_grad():  # symmetric lists: "3" ~ a, b; "7" ~ c; the neighbour terms weigh a lot
+    with torch.no_grad():  # a and b list "3", c lists "7" (not the other way round); the neighbour terms weigh a lot
         for j, near in (("3", outside[:2]), ("7", outside[2:3])):
-            collab.nbr_rows[rows([j])[0], :len(near)] = torch.from_numpy(rows(near))
-            collab.nbr_sims[rows([j])[0], :len(near)] = 0.9
             for i in near:
                 collab.nbr_rows[rows([i])[0], 0] = int(rows([j])[0])
                 collab.nbr_sims[rows([i])[0], 0] = 0.9
