@@ -12,7 +12,8 @@ quality  the quality benchmark's model frozen at the start of a test week (--mod
          week: history = every earlier event, the liked item held out) the full hybrid scores every catalogue item
          (exhaustive), retrieval returns its top-N over the catalogue, history excluded in both. Reported:
          recall@N of the exhaustive top-10 within the retrieved N, and HR@10 / NDCG@10 of the held-out item for
-         exhaustive ranking, two-stage (retrieve 100, rerank with the full scorer) and retrieval alone.
+         exhaustive ranking, two-stage (the shortlist of 100 -- retrieval.shortlist_ids: the index's inner product plus
+         the neighbour terms -- reranked with the full scorer) and the index's inner product alone.
          Needs benchmarks/quality_ml100k.py's outputs in --work (its store and examples cache). The exhaustive scores
          are cached in out/bench/retrieval-exhaustive-<model>.npz, so a rerun only scores users it has not seen.
 
@@ -231,7 +232,7 @@ def markdown(result: dict) -> str:
                   f"{m['exhaustive_ndcg@10']:.3f} |",
                   f"| two-stage: shortlist {q['n']}, rerank with the full hybrid | {m['two_stage_hr@10']:.3f} | "
                   f"{m['two_stage_ndcg@10']:.3f} |",
-                  f"| retrieval alone (the collaborative part) | {m['retrieval_hr@10']:.3f} | {m['retrieval_ndcg@10']:.3f} |",
+                  f"| the index's inner product alone | {m['retrieval_hr@10']:.3f} | {m['retrieval_ndcg@10']:.3f} |",
                   "", f"The held-out item is among the {q['n']} retrieved for {m['positive_in_retrieved']:.0%} of users. "
                   f"{q['items_from_text']} catalogue items indexed from text (ridge alpha {q['ridge_alpha']:g}, "
                   f"leave-one-out R^2 {q['ridge_loo_r2']:.3f} over {q['ridge_fit_items']} known items); index build "

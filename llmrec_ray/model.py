@@ -171,7 +171,8 @@ def save_export(model, tokenizer, cfg: Config, out_dir: str | Path, state_dict: 
         lm_state = {k[len("lm."):]: v for k, v in state_dict.items() if k.startswith("lm.")}
         scorer.lm.save_pretrained(out_dir, state_dict=lm_state, safe_serialization=True)
         if scorer.is_hybrid:  # copy the consolidated collab/fusion weights into a CPU twin before saving
-            twin = HybridScorer(scorer.lm, CollabNet(scorer.collab.num_items, scorer.collab.dim, neighbours=scorer.collab.neighbours), scorer.vocab)
+            c = scorer.collab
+            twin = HybridScorer(scorer.lm, CollabNet(c.num_items, c.dim, neighbours=c.neighbours), scorer.vocab)
             twin.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("lm.")}, strict=False)
             scorer = twin
     else:
