@@ -14,17 +14,14 @@ Prints the AUC per week and pooled.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from collab_ablation import probe_weeks  # scripts beside it
-from quality_ml100k import OVERRIDES, prepare
+from quality_ml100k import load_protocol
 from llmrec_ray.collab import NUM_FEATURES, CollabNet
-from llmrec_ray.config import load_config
 from llmrec_ray.ids import ItemVocab
-from llmrec_ray.store import Store
 
 
 class MLPCollab(CollabNet):
@@ -54,10 +51,7 @@ def main() -> None:
     p.add_argument("--weeks", type=int, default=4)
     p.add_argument("--work", default="out/quality")
     args = p.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}"])
-    keys, events, examples = prepare(cfg, Store.from_config(cfg.store), work)
+    cfg, keys, events, examples = load_protocol(args.work)
     dim, neighbours = cfg.model.collab.dim, cfg.model.collab.neighbours
 
     def build(train):

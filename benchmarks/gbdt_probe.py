@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from quality_ml100k import OVERRIDES, fast_auc, prepare, week_bounds  # a script beside it
-from llmrec_ray.config import load_config
-from llmrec_ray.store import Store
+from quality_ml100k import fast_auc, load_protocol, week_bounds  # a script beside it
 
 HISTORY = 50
 DAY = 86400
@@ -147,10 +144,7 @@ def main() -> None:
     p.add_argument("--drop", default="", help="comma-separated feature names or prefixes (knn, gen) to leave out")
     p.add_argument("--work", default="out/quality")
     args = p.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}"])
-    keys, events, examples = prepare(cfg, Store.from_config(cfg.store), work)
+    cfg, keys, events, examples = load_protocol(args.work)
     feats = Features(events, examples)
     drop = [d for d in args.drop.split(",") if d]
     weeks, ys, ps = week_bounds(keys, 4), [], []

@@ -76,6 +76,16 @@ def prepare(cfg: Config, store, work: Path) -> tuple[list[str], pd.DataFrame, pd
     return keys, events(store, keys), examples
 
 
+def load_protocol(work: str | Path, overrides=()) -> tuple[Config, list[str], pd.DataFrame, pd.DataFrame]:
+    """(config, shard keys, events, examples) of the protocol in the work folder, for the probes beside this script."""
+    from llmrec_ray.store import Store
+
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}", *overrides])
+    return (cfg, *prepare(cfg, Store.from_config(cfg.store), work))
+
+
 def week_bounds(keys: list[str], weeks: int) -> list[tuple[str, int]]:
     """(shard key, first timestamp of its period) for the test weeks."""
     import datetime as dt
