@@ -8,8 +8,9 @@ What an inner product ranks exactly: for one user, the hybrid's collaborative lo
 
 so ranking items by the factorised part is a maximum inner product search with the item vector
 [E[i], b[i] + w[10] * logcount[i]] (dim + 1 floats) against the user vector [u, 1], u read from the request's history.
-The neighbour terms g (the history against item i's neighbour list) do not factorise: like the text part, they act
-in the rerank of the shortlist, not in the search.
+The neighbour terms g (the history against item i's neighbour list) do not factorise: `shortlist_ids` adds them to the
+search's scores for every item they can lift (the items whose lists hold a history item, `listed_by`), so the
+shortlist is the collaborative part's exact top-n; the text part acts in the rerank.
 
 Items the tables never saw (new catalogue items; vocab row 0) get a vector from their text; how, and how an index is
 built, saved and loaded per version: llmrec_ray/item_index.py. `ItemIndex.add_items` indexes items that appear after
@@ -78,8 +79,8 @@ def neighbour_lift(model, cfg, history: Sequence[str], ratings: Sequence[Optiona
     hist = history_arrays(model.vocab, [list(history)], [[np.nan if r is None else float(r) for r in ratings]], [[]],
                           max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     rows = hist.rows[0][hist.rows[0] != UNKNOWN]
-    listed_by, starts = _listed_by(collab)
-    cand = np.setdiff1d(np.concatenate([listed_by[starts[r]:starts[r + 1]] for r in rows] or [np.zeros(0, np.int64)]),
+    owners, starts = listed_by(collab)
+    cand = np.setdiff1d(np.concatenate([owners[starts[r]:starts[r + 1]] for r in rows] or [np.zeros(0, np.int64)]),
                         [UNKNOWN, *rows])
     if len(cand) == 0:
         return {}
@@ -90,9 +91,10 @@ def neighbour_lift(model, cfg, history: Sequence[str], ratings: Sequence[Optiona
     return {model.vocab.ids[r - 1]: float(x) for r, x in zip(cand, lift)}
 
 
-def _listed_by(collab: CollabNet) -> tuple[np.ndarray, np.ndarray]:
+def listed_by(collab: CollabNet) -> tuple[np.ndarray, np.ndarray]:
     """The neighbour lists turned round: the items whose lists hold row r are listed_by[starts[r]:starts[r + 1]].
-    Built once per table (O(items x neighbours)) and kept on it until the lists change."""
+    Built once per table (O(items x neighbours)) and kept on it until the lists change; Serve builds it when it loads
+    a version (serve/inference.py warm_up), not on the first request."""
     key = (collab.nbr_rows.data_ptr(), collab.nbr_rows._version)
     cached = getattr(collab, "_listed_by", None)
     if cached is None or cached[0] != key:

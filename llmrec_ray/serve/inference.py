@@ -136,7 +136,12 @@ def forward(state: Loaded, encoded: list[dict], deadlines: Optional[list[float]]
 
 
 def warm_up(state: Loaded) -> None:
-    """Score a known and an unknown item once: a broken version fails here, never on a request."""
+    """Score a known and an unknown item once: a broken version fails here, never on a request. With an item index,
+    also turn the neighbour lists round for the shortlist (retrieval.listed_by) before the first request needs it."""
+    if state.index is not None:
+        from llmrec_ray.retrieval import listed_by
+
+        listed_by(state.model.collab)
     known = state.model.vocab.ids[:1] if state.model.vocab is not None else []
     ids = [*known, None]
     forward(state, [encode_item(state, ScoreItem(["warm up"] * len(ids), "no history", ids, list(known),
