@@ -42,8 +42,7 @@ def probe_weeks(cfg: Config, keys, events, examples, num_weeks: int, build, labe
 
         started = time.time()
         fit = fit_collab(net, vocab.rows(train["item_id"].tolist()), hist(train), train["label"].to_numpy(),
-                         epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, l2=c.l2, val_fraction=c.val_fraction,
-                         users=train["user_id"].to_numpy())
+                         users=train["user_id"].to_numpy(), **c.fit_kwargs())
         ys.append(week["label"].to_numpy())
         ps.append(predict_logits(net, vocab.rows(week["item_id"].tolist()), hist(week)))
         print(f"{label} week {w + 1}: AUC {fast_auc(ys[-1], ps[-1]):.4f} ({fit.epochs} epochs, {time.time() - started:.0f} s)",

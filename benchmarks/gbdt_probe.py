@@ -47,6 +47,7 @@ class Features:
             self.year[self.items[item]] = float(year.group(1)) if year else np.nan
         g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-6)
         self.genre_sims = g @ g.T
+        self.topk = 0
 
     def snapshot(self, ev: pd.DataFrame) -> dict:
         """Item statistics and item-item similarities of the events `ev` (what a model frozen after them knows)."""
@@ -72,6 +73,10 @@ class Features:
         sims = (centred @ centred.T) / np.outer(norm, norm) * (co / (co + 25.0))
         np.fill_diagonal(sims, 0.0)
         sims[0], sims[:, 0] = 0.0, 0.0
+        if self.topk:  # each item keeps its topk most similar (positive) items only, as the product's lists
+            sims = np.maximum(sims, 0.0)
+            cut = -np.sort(-sims, axis=1)[:, self.topk - 1 : self.topk]
+            sims = np.where(sims >= np.maximum(cut, 1e-12), sims, 0.0)
         return dict(cnt=cnt, rate=rate, mean=mean, std=std, first=first, rcnt=rcnt, rrate=rrate, sims=sims,
                     global_rating=r.mean())
 
@@ -107,7 +112,37 @@ class Features:
         return pd.DataFrame(out)
 
 
-def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, linear: bool) -> np.ndarray:
+def collab_frame(cfg, fit_rows: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """The collaborative part's logit and features (llmrec_ray/collab.py) for `rows`, its tables fitted on `fit_rows`."""
+    import torch
+
+    from llmrec_ray.collab import CollabNet, batch_tensors, fit_collab
+    from llmrec_ray.ids import ItemVocab, history_arrays
+
+    c = cfg.model.collab
+    vocab = ItemVocab(sorted(set(map(str, fit_rows["item_id"]))))
+    net = CollabNet(len(vocab), c.dim, neighbours=c.neighbours)
+
+    def hist(f):
+        return history_arrays(vocab, f["history_ids"].tolist(), f["history_ratings"].tolist(),
+                              f["history_labels"].tolist(), c.history_len, cfg.data.like_threshold)
+
+    fit_collab(net, vocab.rows(fit_rows["item_id"].tolist()), hist(fit_rows), fit_rows["label"].to_numpy(),
+               users=fit_rows["user_id"].to_numpy(), **{**c.fit_kwargs(), "head_fraction": 0.0})  # the linear logit
+    t = batch_tensors(vocab.rows(rows["item_id"].tolist()), hist(rows))
+    with torch.no_grad():
+        h = {k: v for k, v in t.items() if k != "cand_rows"}
+        _, f = net.user_side(**h)
+        g = net.neighbour_features(t["cand_rows"], **h)
+        logit = net(**t)
+    cols = {"cf": logit.numpy()}
+    cols.update({f"cf_f{i}": v for i, v in enumerate(torch.cat([f, g], -1).T.numpy())})
+    return pd.DataFrame(cols)
+
+
+def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, linear: bool, mlp: bool = False) -> np.ndarray:
+    if mlp:
+        return fit_predict_mlp(x_train, y, x_test)
     if linear:
         import torch
 
@@ -136,16 +171,58 @@ def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, line
     return lgb.train(params, lgb.Dataset(x_train, y), 400).predict(x_test)
 
 
+def fit_predict_mlp(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, hidden: int = 64,
+                    epochs: int = 30, seed: int = 0) -> np.ndarray:
+    """A small MLP on the standardised features; epochs chosen on the newest 10% of training rows."""
+    import torch
+
+    a, b = (np.nan_to_num(x.to_numpy(np.float32)) for x in (x_train, x_test))
+    mu, sd = a.mean(0), a.std(0) + 1e-6
+    xa, xb = torch.tensor((a - mu) / sd), torch.tensor((b - mu) / sd)
+    target = torch.tensor(y, dtype=torch.float32)
+    n_val = len(y) // 10
+
+    def run(n_fit, epochs):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(a.shape[1], hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-5)
+        g = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(epochs):
+            net.train()
+            for idx in torch.randperm(n_fit, generator=g).split(512):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(net(xa[idx]).squeeze(-1), target[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            net.eval()
+            with torch.no_grad():
+                losses.append(torch.nn.functional.binary_cross_entropy_with_logits(
+                    net(xa[n_fit:]).squeeze(-1), target[n_fit:]).item() if n_fit < len(y) else 0.0)
+        return net, losses
+
+    _, losses = run(len(y) - n_val, epochs)
+    chosen = int(np.argmin(losses)) + 1
+    net, _ = run(len(y), chosen)
+    print(f"  mlp: {chosen} epochs", flush=True)
+    with torch.no_grad():
+        return net(xb).squeeze(-1).numpy()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label-weeks", type=int, default=20)
     p.add_argument("--linear", action="store_true")
+    p.add_argument("--mlp", action="store_true", help="a small MLP instead of the trees")
     p.add_argument("--leaky", action="store_true")
+    p.add_argument("--topk", type=int, default=0, help="item-item similarities: keep each item's top k positive only")
+    p.add_argument("--collab", action="store_true", help="add the collaborative part's logit and features (cf*)")
     p.add_argument("--drop", default="", help="comma-separated feature names or prefixes (knn, gen) to leave out")
     p.add_argument("--work", default="out/quality")
     args = p.parse_args()
     cfg, keys, events, examples = load_protocol(args.work)
     feats = Features(events, examples)
+    feats.topk = args.topk
     drop = [d for d in args.drop.split(",") if d]
     weeks, ys, ps = week_bounds(keys, 4), [], []
     for w, (_, start) in enumerate(weeks):
@@ -155,9 +232,12 @@ def main() -> None:
         test = examples[(examples["timestamp"] >= start) & (examples["timestamp"] < end)]
         x_train = feats.frame(train, feats.snapshot(events[events["timestamp"] < (start if args.leaky else cut)]))
         x_test = feats.frame(test, feats.snapshot(events[events["timestamp"] < start]))
+        if args.collab:
+            x_train = pd.concat([x_train, collab_frame(cfg, examples[examples["timestamp"] < cut], train)], axis=1)
+            x_test = pd.concat([x_test, collab_frame(cfg, examples[examples["timestamp"] < start], test)], axis=1)
         cols = [c for c in x_train.columns if not any(c == d or c.startswith(d + "_") for d in drop)]
         ys.append(test["label"].to_numpy())
-        ps.append(fit_predict(x_train[cols], train["label"].to_numpy(), x_test[cols], args.linear))
+        ps.append(fit_predict(x_train[cols], train["label"].to_numpy(), x_test[cols], args.linear, args.mlp))
         print(f"week {w + 1}: {len(train):,} training rows, {len(test):,} scored, AUC {fast_auc(ys[-1], ps[-1]):.4f}",
               flush=True)
     print(f"pooled over 4 weeks: AUC {fast_auc(np.concatenate(ys), np.concatenate(ps)):.4f}")

@@ -128,8 +128,7 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
                                   f["history_labels"].tolist(), c.history_len, cfg.data.like_threshold)
 
         fit_collab(net, vocab.rows(train_examples["item_id"].tolist()), hist(train_examples),
-                   train_examples["label"].to_numpy(), epochs=c.epochs, batch_size=c.batch_size, lr=c.lr, l2=c.l2,
-                   val_fraction=c.val_fraction, users=train_examples["user_id"].to_numpy())
+                   train_examples["label"].to_numpy(), users=train_examples["user_id"].to_numpy(), **c.fit_kwargs())
         return (lambda f: 1 / (1 + np.exp(-predict_logits(net, vocab.rows(f["item_id"].tolist()), hist(f))))), (net, vocab)
     raise ValueError(arm)
 

@@ -17,6 +17,13 @@ history are scored like everyone else.
     MovieLens; item-item similarities over every co-rating add what early-stopped embeddings do not learn
     (benchmarks/quality_ml100k.py, README "Quality").
 
+    The tree head (the default; `fit_collab(head_fraction=...)`): gradient-boosted trees over HEAD_FEATURES --
+    statistics of the history, of the candidate (count, like rate, mean rating and its spread) and the neighbour
+    features -- score instead of the linear sum. They learn from the newest rows with statistics of the older
+    rows only (`fit_tree_head`), and are evaluated in torch (`TreeHead`), saved in the same safetensors file as
+    the tables. The linear sum stays what retrieval factorises (llmrec_ray/retrieval.py) and what scores when a
+    round had too few rows for trees.
+
 Row 0 of every table is the unknown id (an item the tables never saw, or padding): its rows are zero,
 so an unknown candidate contributes no item term and an unknown history item only counts in f; text
 alone speaks for it (the language-model part of the hybrid, llmrec_ray/model.py).
@@ -49,6 +56,10 @@ NUM_HISTORY_FEATURES = 6  # read from the history alone
 NUM_NEIGHBOUR_FEATURES = 4  # the history against the candidate's neighbour list
 NUM_FEATURES = NUM_HISTORY_FEATURES + NUM_NEIGHBOUR_FEATURES + 1  # + the candidate's log count, always last
 SHRINK = 25.0  # co-count shrinkage of the item-item similarities
+HEAD_FEATURES = ("log_n", "like_rate", "mean_rating", "rating_std", "last5_dev", "last_rating", "rating_dev",
+                 "item_logcount", "item_like_rate", "item_mean", "item_std", "expected_rating",
+                 "neighbour_score", "max_sim_liked", "max_sim_disliked", "mean_sim")  # the tree head's inputs
+ITEM_PRIOR = 10.0  # pseudo-count pulling an item's like rate and mean rating towards the global ones
 VOCAB_FILE = "collab_vocab.json"
 WEIGHTS_FILE = "collab.safetensors"
 COLLAB_FILES = (WEIGHTS_FILE, VOCAB_FILE)
@@ -71,6 +82,12 @@ class CollabNet(nn.Module):
         self.register_buffer("item_logcount", torch.zeros(num_items + 1))  # log(1 + training rows as candidate)
         self.register_buffer("nbr_rows", torch.zeros(num_items + 1, neighbours, dtype=torch.int64))  # row 0: none
         self.register_buffer("nbr_sims", torch.zeros(num_items + 1, neighbours))
+        # the tree head's item statistics (see head_features); row 0 stays zero
+        self.register_buffer("item_like_rate", torch.zeros(num_items + 1))  # smoothed like rate as a candidate
+        self.register_buffer("item_mean", torch.zeros(num_items + 1))  # smoothed mean rating (seen in histories)
+        self.register_buffer("item_std", torch.zeros(num_items + 1))  # spread of those ratings
+        self.register_buffer("global_rating", torch.zeros(1))  # mean rating of the statistics' rows
+        self.head: Optional[TreeHead] = None  # not a buffer: dtype casts (bf16 engines) must not touch thresholds
         for table in (self.cand, self.hist_liked, self.hist_disliked):
             nn.init.normal_(table.weight, std=0.01, generator=g)
             with torch.no_grad():
@@ -113,17 +130,46 @@ class CollabNet(nn.Module):
         return torch.stack([score, max_liked, max_disliked, s.sum(-1) / n.squeeze(-1).clamp(min=1.0)], dim=-1)
 
     def forward(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
+        """The tree head's logit when there is one (fit_collab's default), else the linear one."""
+        if self.head is not None:
+            x = self.head_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+            return self.head(x).to(x.dtype)
+        return self.linear_logit(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+
+    def linear_logit(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
+        """mu + b[cand] + <u, E[cand]> + w . f: what the tables learn, and what retrieval factorises."""
         u, f = self.user_side(hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
         g = self.neighbour_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
         f = torch.cat([f, g, self.item_logcount[cand_rows].unsqueeze(-1)], dim=-1)
         return (self.mu + self.item_bias(cand_rows).squeeze(-1) + (u * self.cand(cand_rows)).sum(-1)
                 + self.user_features(f).squeeze(-1))
 
+    def head_features(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
+        """(B, len(HEAD_FEATURES)) float32: the history's statistics, the candidate's (from the buffers) and the
+        history against the candidate's neighbour list. Ratings are centred (ids.HistoryArrays)."""
+        n = hist_present.sum(-1)
+        rated = hist_rated * hist_present
+        n_rated = rated.sum(-1)
+        mean = torch.where(n_rated > 0, (hist_rating * rated).sum(-1) / n_rated.clamp(min=1.0), self.global_rating)
+        centred = (hist_rating - mean.unsqueeze(-1)) * rated
+        std = torch.sqrt((centred * centred).sum(-1) / n_rated.clamp(min=1.0))
+        like_rate = ((hist_liked * hist_present).sum(-1) + 2.2) / (n + 4.0)
+        last5 = ((hist_rating * rated)[:, :5].sum(-1) / rated[:, :5].sum(-1).clamp(min=1.0) - mean) * (rated[:, :5].sum(-1) > 0)
+        last = (hist_rating * rated)[:, 0] if hist_rating.shape[1] else torch.zeros_like(n)
+        known = rated * (hist_rows != UNKNOWN).float()
+        rating_dev = ((hist_rating - self.item_mean[hist_rows]) * known).sum(-1) / (known.sum(-1) + 1.0)
+        item_mean = self.item_mean[cand_rows]
+        g = self.neighbour_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+        x = torch.stack([torch.log1p(n), like_rate, mean, std, last5, last, rating_dev, self.item_logcount[cand_rows],
+                         self.item_like_rate[cand_rows], item_mean, self.item_std[cand_rows], item_mean + rating_dev], -1)
+        return torch.cat([x, g], -1).float()
+
     def set_item_statistics(self, cand_rows: torch.Tensor, hist_rows: torch.Tensor, hist_rating: torch.Tensor,
                             hist_rated: torch.Tensor, smoothing: float = 5.0, users: Optional[np.ndarray] = None,
                             labels: Optional[torch.Tensor] = None) -> None:
-        """Item mean ratings (from the ratings seen in histories) and candidate counts of the training rows; with
-        `users` (one code per row) and `labels`, also each item's neighbour list."""
+        """Item mean ratings and their spread (from the ratings seen in histories) and candidate counts of the
+        training rows; with `labels`, the items' like rates; with `users` (one code per row) too, each item's
+        neighbour list."""
         if self.neighbours and users is not None:
             rows, sims = item_neighbours(np.asarray(users), cand_rows.numpy(), labels.numpy(), self.num_items, self.neighbours)
             self.nbr_rows.copy_(torch.from_numpy(rows))
@@ -133,9 +179,30 @@ class CollabNet(nn.Module):
         total = torch.zeros(size).index_add_(0, hist_rows[rated], hist_rating[rated].float())
         count = torch.zeros(size).index_add_(0, hist_rows[rated], torch.ones(int(rated.sum())))
         self.item_rating.copy_(total / (count + smoothing))
-        self.item_logcount.copy_(torch.log1p(torch.bincount(cand_rows, minlength=size)[:size].float()))
-        self.item_rating[UNKNOWN] = 0.0
-        self.item_logcount[UNKNOWN] = 0.0
+        if users is not None:  # one rating per (user, item) for the head's statistics: a user's event sits in many rows' histories
+            codes = torch.from_numpy(np.unique(np.asarray(users), return_inverse=True)[1].astype(np.int64))
+            keys = (codes.unsqueeze(-1).expand_as(hist_rows)[rated] * size + hist_rows[rated]).numpy()
+            first = torch.from_numpy(np.unique(keys, return_index=True)[1])
+            items, values = hist_rows[rated][first], hist_rating[rated].float()[first]
+            total = torch.zeros(size).index_add_(0, items, values)
+            count = torch.zeros(size).index_add_(0, items, torch.ones(len(items)))
+        else:
+            values = hist_rating[rated].float()
+        cand_count = torch.bincount(cand_rows, minlength=size)[:size].float()
+        self.item_logcount.copy_(torch.log1p(cand_count))
+        overall = float(values.mean()) if len(values) else 0.0
+        self.global_rating.fill_(overall)
+        self.item_mean.copy_((total + ITEM_PRIOR * overall) / (count + ITEM_PRIOR))
+        squares = torch.zeros(size).index_add_(0, items if users is not None else hist_rows[rated], values * values)
+        raw_mean = total / count.clamp(min=1.0)
+        self.item_std.copy_(torch.sqrt((squares / count.clamp(min=1.0) - raw_mean * raw_mean).clamp(min=0.0)))
+        if labels is not None:
+            y = labels.float()
+            liked = torch.zeros(size).index_add_(0, cand_rows, y)
+            prior = float(y.mean()) if len(y) else 0.0
+            self.item_like_rate.copy_((liked + ITEM_PRIOR * prior) / (cand_count + ITEM_PRIOR))
+        for buffer in (self.item_rating, self.item_logcount, self.item_mean, self.item_std, self.item_like_rate):
+            buffer[UNKNOWN] = 0.0
 
     def grown(self, num_items: int, neighbours: Optional[int] = None) -> "CollabNet":
         """A copy with tables for `num_items` ids: old rows kept, new rows zero (they learn from their first events).
@@ -156,12 +223,94 @@ class CollabNet(nn.Module):
                 else:  # an item table: copy the known rows, zero the new ones
                     tensor.zero_()
                     tensor[: old.shape[0]].copy_(old)
+        out.head = self.head  # read-only; every fit replaces it
         return out
 
     def regulariser(self, cand_rows, hist_rows) -> torch.Tensor:
         """L2 on the rows a batch touched (sparse-friendly; unknown rows are zero anyway)."""
         return (self.cand(cand_rows).pow(2).sum(-1).mean() + self.item_bias(cand_rows).pow(2).mean()
                 + self.hist_liked(hist_rows).pow(2).sum(-1).mean() + self.hist_disliked(hist_rows).pow(2).sum(-1).mean())
+
+
+class TreeHead:
+    """Gradient-boosted trees (fitted by LightGBM in `fit_tree_head`) evaluated with torch gathers, so scoring
+    needs no LightGBM and a version's tables and trees load, save and swap together. Node arrays (trees, nodes):
+    a split sends x[feature] <= threshold to `left`, else to `right`; a leaf points to itself and holds `value`.
+    __call__(x (B, F)) -> (B,) the raw score (log-odds), float64."""
+
+    KEYS = ("feature", "threshold", "left", "right", "value")
+
+    def __init__(self, feature, threshold, left, right, value, num_features: int):
+        self.feature, self.threshold, self.left, self.right, self.value = feature, threshold, left, right, value
+        self.num_features = num_features
+        self.depth = self._depth()
+
+    @classmethod
+    def from_lightgbm(cls, dump: dict) -> "TreeHead":
+        """From `Booster.dump_model()`: numerical splits only (no categorical features, no missing values)."""
+        trees = []
+        for info in dump["tree_info"]:
+            nodes: list[tuple] = []
+
+            def walk(node: dict) -> int:
+                i = len(nodes)
+                nodes.append(())
+                if "leaf_value" in node:
+                    nodes[i] = (0, 0.0, i, i, float(node["leaf_value"]))
+                    return i
+                if node["decision_type"] != "<=" or node.get("missing_type", "None") != "None":
+                    raise ValueError(f"tree split {node['decision_type']} / missing {node.get('missing_type')}: "
+                                     "the head supports numerical '<=' splits without missing values")
+                nodes[i] = (int(node["split_feature"]), float(node["threshold"]), walk(node["left_child"]),
+                            walk(node["right_child"]), 0.0)
+                return i
+
+            walk(info["tree_structure"])
+            trees.append(nodes)
+        width = max((len(t) for t in trees), default=1)
+        arrays = {k: np.zeros((len(trees), width), np.float64 if k in ("threshold", "value") else np.int64)
+                  for k in cls.KEYS}
+        arrays["left"][:] = arrays["right"][:] = np.arange(width)  # padding: unreachable self-loops
+        for t, nodes in enumerate(trees):
+            for i, node in enumerate(nodes):
+                for k, v in zip(cls.KEYS, node):
+                    arrays[k][t, i] = v
+        return cls(*(torch.from_numpy(arrays[k]) for k in cls.KEYS), num_features=len(dump["feature_names"]))
+
+    def _depth(self) -> int:
+        """Longest root-to-leaf path: the number of gather steps a batch needs."""
+        left, right = self.left.numpy(), self.right.numpy()
+        deepest = 0
+        for t in range(left.shape[0]):
+            stack = [(0, 0)]
+            while stack:
+                i, d = stack.pop()
+                if left[t, i] == i and right[t, i] == i:
+                    deepest = max(deepest, d)
+                elif d >= left.shape[1] or left[t, i] <= i or right[t, i] <= i:  # children come after their parent
+                    raise ValueError(f"tree head: tree {t} node {i} does not lead to a leaf")
+                else:
+                    stack += [(int(left[t, i]), d + 1), (int(right[t, i]), d + 1)]
+        return deepest
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.num_features:
+            raise ValueError(f"tree head expects {self.num_features} features, got {x.shape[-1]}")
+        p = {k: getattr(self, k).to(x.device) for k in self.KEYS}
+        x = x.double()
+        trees = torch.arange(p["feature"].shape[0], device=x.device).expand(len(x), -1)
+        node = torch.zeros_like(trees)
+        for _ in range(self.depth):
+            go_left = x.gather(1, p["feature"][trees, node]) <= p["threshold"][trees, node]
+            node = torch.where(go_left, p["left"][trees, node], p["right"][trees, node])
+        return p["value"][trees, node].sum(-1)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"head.{k}": getattr(self, k).contiguous() for k in self.KEYS}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, num_features: int) -> "TreeHead":
+        return cls(*(tensors[f"head.{k}"] for k in cls.KEYS), num_features=num_features)
 
 
 def item_neighbours(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num_items: int,
@@ -229,16 +378,20 @@ class FitReport:
     epochs: int
     seconds: float
     final_loss: float
+    head_rows: int = 0  # rows the tree head learned from (0: no head, the linear sum scores)
 
 
 def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, labels: np.ndarray, *, epochs: int = 8,
                batch_size: int = 1024, lr: float = 0.01, l2: float = 1e-4, seed: int = 0,
-               val_fraction: float = 0.0, users: Optional[np.ndarray] = None) -> FitReport:
+               val_fraction: float = 0.0, users: Optional[np.ndarray] = None, head_fraction: float = 0.0,
+               head_trees: int = 400, head_leaves: int = 15, head_min_rows: int = 1000) -> FitReport:
     """Mini-batch Adam on BCE (in place). Rows are in time order; with val_fraction > 0 the latest rows first
     choose the number of epochs (early stopping on their loss), then the tables are fitted on every row
     for that many epochs from the same start -- the newest rows matter most for the next period.
-    users: the user of each row (any hashable ids), for the neighbour lists (net.neighbours > 0)."""
+    users: the user of each row (any hashable ids), for the neighbour lists (net.neighbours > 0).
+    head_fraction > 0: then the tree head (fit_tree_head) learns from the newest head_fraction of the rows."""
     started = time.time()
+    net.head = None  # the tables learn the linear logit; a warm start's old head is replaced below
     tensors = batch_tensors(cand_rows, hist)
     y = torch.tensor(np.asarray(labels, np.float32))
     users = None if users is None else np.asarray(users)
@@ -269,7 +422,44 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
     for loss_value in _epochs(net, tensors, y, chosen, batch_size, lr, l2, seed):
         pass
     net.eval()
-    return FitReport(n, chosen, time.time() - started, loss_value)
+    head_rows = 0
+    if head_fraction > 0:
+        net.head, head_rows = fit_tree_head(net, tensors, y, users, head_fraction, head_trees, head_leaves,
+                                            head_min_rows, seed)
+    return FitReport(n, chosen, time.time() - started, loss_value, head_rows)
+
+
+def head_examples(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optional[np.ndarray], k: int) -> np.ndarray:
+    """The head's features of rows [k, n), read against statistics of rows [0, k) alone (a copy of `net`)."""
+    snap = copy.deepcopy(net)
+    with torch.no_grad():
+        snap.set_item_statistics(tensors["cand_rows"][:k], tensors["hist_rows"][:k], tensors["hist_rating"][:k],
+                                 tensors["hist_rated"][:k], users=None if users is None else users[:k], labels=y[:k])
+        return torch.cat([snap.head_features(**{key: v[i:i + 8192] for key, v in tensors.items()})
+                          for i in range(k, len(y), 8192)]).numpy()
+
+
+def fit_tree_head(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optional[np.ndarray], fraction: float,
+                  trees: int, leaves: int, min_rows: int, seed: int = 0) -> tuple[Optional[TreeHead], int]:
+    """(gradient-boosted trees on head_features, the rows they learned from), or (None, 0) when fewer than
+    `min_rows` rows (or one label) would teach them. Time-respecting: the newest `fraction` of the rows are the
+    examples, and the statistics they read (item rates, means, neighbour lists) come from the older rows alone, as a
+    served request reads statistics of the past only. Statistics that counted an example's own label make the trees
+    trust them too much (benchmarks/gbdt_probe.py --leaky: 0.754 against 0.776 pooled AUC). At serving the head
+    reads `net`'s statistics, which fit_collab computes on every row."""
+    n = len(y)
+    k = n - int(n * fraction)  # the snapshot: rows [0, k)
+    if n - k < min_rows or k == 0 or len(torch.unique(y[k:])) < 2:
+        return None, 0
+    import lightgbm as lgb  # training only: the head scores in torch
+
+    x = head_examples(net, tensors, y, users, k)
+    params = dict(objective="binary", learning_rate=0.03, num_leaves=leaves, min_data_in_leaf=50, bagging_fraction=0.8,
+                  bagging_freq=1, feature_fraction=0.8, lambda_l2=1.0, use_missing=False, deterministic=True,
+                  force_row_wise=True, num_threads=max(1, torch.get_num_threads()), seed=seed, verbose=-1)
+    data = lgb.Dataset(x, y[k:].numpy(), feature_name=list(HEAD_FEATURES), params={"verbose": -1})
+    booster = lgb.train(params, data, num_boost_round=trees)
+    return TreeHead.from_lightgbm(booster.dump_model()), n - k
 
 
 def _epochs(net: CollabNet, tensors: dict, y: torch.Tensor, epochs: int, batch_size: int, lr: float, l2: float, seed: int):
@@ -308,8 +498,13 @@ def predict_logits(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, b
 def save_collab(net: CollabNet, vocab: ItemVocab, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out_dir / WEIGHTS_FILE))
-    (out_dir / VOCAB_FILE).write_text(json.dumps({"dim": net.dim, "neighbours": net.neighbours, "item_ids": vocab.ids}))
+    tensors = {k: v.contiguous() for k, v in net.state_dict().items()}
+    if net.head is not None:
+        tensors.update(net.head.tensors())
+    save_file(tensors, str(out_dir / WEIGHTS_FILE))
+    (out_dir / VOCAB_FILE).write_text(json.dumps({"dim": net.dim, "neighbours": net.neighbours,
+                                                  "head_features": list(HEAD_FEATURES) if net.head else [],
+                                                  "item_ids": vocab.ids}))
 
 
 def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
@@ -322,7 +517,14 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
         meta = json.loads((model_dir / VOCAB_FILE).read_text())
         vocab = ItemVocab(meta["item_ids"])
         net = CollabNet(len(vocab), int(meta["dim"]), neighbours=int(meta.get("neighbours", 0)))
-        net.load_state_dict(_upgraded(load_file(str(model_dir / WEIGHTS_FILE)), net))
+        tensors = load_file(str(model_dir / WEIGHTS_FILE))
+        head = {k: tensors.pop(k) for k in list(tensors) if k.startswith("head.")}
+        net.load_state_dict(_upgraded(tensors, net))
+        if meta.get("head_features"):
+            if list(meta["head_features"]) != list(HEAD_FEATURES):
+                raise ValueError(f"its tree head reads features {meta['head_features']}, this code computes "
+                                 f"{list(HEAD_FEATURES)}; refit the tables (a new round) with this version")
+            net.head = TreeHead.from_tensors(head, len(HEAD_FEATURES))
     except Exception as exc:  # truncated file, wrong shapes, bad JSON: one clear error
         raise ValueError(f"collaborative tables in {model_dir} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if len(vocab) != len(set(vocab.ids)):
@@ -332,7 +534,10 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
 
 def _upgraded(state: dict, net: CollabNet) -> dict:
     """Tables saved before the neighbour terms (7 feature weights, no neighbour lists) load with those terms
-    weighted zero: the same scores as before."""
+    weighted zero: the same scores as before. Tables saved before the tree head lack its item statistics (unused
+    without a head)."""
+    for name in ("item_like_rate", "item_mean", "item_std", "global_rating"):
+        state.setdefault(name, getattr(net, name))
     w = state.get("user_features.weight")
     if w is not None and w.shape[1] == NUM_FEATURES - NUM_NEIGHBOUR_FEATURES:
         zeros = torch.zeros(w.shape[0], NUM_NEIGHBOUR_FEATURES, dtype=w.dtype)

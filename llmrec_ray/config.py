@@ -110,6 +110,18 @@ class CollabConfig(_Section):
     lr: float = Field(0.02, gt=0.0)
     l2: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(4096, ge=1)
+    # the tree head (gradient-boosted trees over history, item and neighbour statistics) learns from the newest
+    # head_fraction of the rows, reading statistics of the older rest; 0 = no head, the tables' linear sum scores
+    head_fraction: float = Field(0.75, ge=0.0, lt=1.0)
+    head_trees: int = Field(400, ge=1)
+    head_leaves: int = Field(15, ge=2)
+    head_min_rows: int = Field(1000, ge=1)  # fewer examples than this: no head this round (the linear sum scores)
+
+    def fit_kwargs(self) -> dict:
+        """The keyword arguments of collab.fit_collab this section sets."""
+        return dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, l2=self.l2,
+                    val_fraction=self.val_fraction, head_fraction=self.head_fraction, head_trees=self.head_trees,
+                    head_leaves=self.head_leaves, head_min_rows=self.head_min_rows)
 
 
 class ModelConfig(_Section):

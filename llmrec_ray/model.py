@@ -174,6 +174,7 @@ def save_export(model, tokenizer, cfg: Config, out_dir: str | Path, state_dict: 
             c = scorer.collab
             twin = HybridScorer(scorer.lm, CollabNet(c.num_items, c.dim, neighbours=c.neighbours), scorer.vocab)
             twin.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("lm.")}, strict=False)
+            twin.collab.head = c.head  # not in the state dict (collab.CollabNet.head)
             scorer = twin
     else:
         unwrap(scorer.lm).save_pretrained(out_dir, safe_serialization=True)

@@ -10,7 +10,8 @@ so ranking items by the factorised part is a maximum inner product search with t
 [E[i], b[i] + w[10] * logcount[i]] (dim + 1 floats) against the user vector [u, 1], u read from the request's history.
 The neighbour terms g (the history against item i's neighbour list) do not factorise: `shortlist_ids` adds them to the
 search's scores for every item they can lift (the items whose lists hold a history item, `listed_by`), so the
-shortlist is the collaborative part's exact top-n; the text part acts in the rerank.
+shortlist is the exact top-n of the collaborative part's linear sum. The tree head (the collaborative part's default
+scorer, which does not factorise at all) and the text part act in the rerank.
 
 Items the tables never saw (new catalogue items; vocab row 0) get a vector from their text; how, and how an index is
 built, saved and loaded per version: llmrec_ray/item_index.py. `ItemIndex.add_items` indexes items that appear after

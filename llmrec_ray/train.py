@@ -75,9 +75,8 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     c = cfg.model.collab
-    fit = fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), epochs=c.epochs,
-                     batch_size=c.batch_size, lr=c.lr, l2=c.l2, seed=cfg.train.seed,
-                     val_fraction=c.val_fraction, users=frame["user_id"].to_numpy())
+    fit = fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), seed=cfg.train.seed,
+                     users=frame["user_id"].to_numpy(), **c.fit_kwargs())
     out = Path(tempfile.mkdtemp(prefix="llmrec-collab-"))
     save_collab(net, vocab, out)
     key = f"ray-train/{run_name}/collab"
@@ -85,7 +84,7 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
     shutil.rmtree(out, ignore_errors=True)
     report = {"collab_rows": fit.num_rows, "collab_items": len(vocab), "collab_new_items": len(vocab) - (len(previous[1]) if previous else 0),
               "collab_fit_seconds": fit.seconds, "collab_seconds": time.time() - started, "collab_loss": fit.final_loss,
-              "collab_epochs": fit.epochs,
+              "collab_epochs": fit.epochs, "collab_head_rows": fit.head_rows,
               "collab_warm_start": previous is not None}
     return CollabStage(store.key_uri(key), vocab, report)
 

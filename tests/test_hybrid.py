@@ -273,3 +273,109 @@ def test_tables_saved_before_the_neighbour_terms_load_and_score_as_before(tmp_pa
     old, vocab2 = load_collab(tmp_path)
     assert old.neighbours == 0 and old.user_features.weight.shape[1] == w.shape[1]
     np.testing.assert_allclose(predict_logits(old, vocab2.rows(["a", "b", "c"]), hist), before, atol=1e-6)
+
+
+def _lgb_params(**extra):
+    return dict(objective="binary", learning_rate=0.1, num_leaves=7, min_data_in_leaf=5, use_missing=False,
+                deterministic=True, force_row_wise=True, num_threads=1, seed=0, verbose=-1, **extra)
+
+
+def test_tree_head_scores_like_lightgbm():
+    import lightgbm as lgb
+
+    from llmrec_ray.collab import TreeHead
+
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(3000, 5)), 1).astype(np.float32)  # rounded: many values sit on split thresholds
+    y = ((x[:, 0] * x[:, 1] > 0.2) ^ (x[:, 2] > 1.0) ^ (rng.random(3000) < 0.1)).astype(float)
+    booster = lgb.train(_lgb_params(), lgb.Dataset(x, y, params={"verbose": -1}), num_boost_round=30)
+    head = TreeHead.from_lightgbm(booster.dump_model())
+    assert head.feature.shape[0] == 30 and 1 < head.depth <= 6
+    test = np.round(rng.normal(size=(500, 5)), 1).astype(np.float32)
+    np.testing.assert_allclose(head(torch.from_numpy(test)).numpy(), booster.predict(test, raw_score=True), atol=1e-9)
+    with pytest.raises(ValueError, match="expects 5 features"):
+        head(torch.zeros(2, 4))
+
+
+def _stream(n=3000, seed=0):
+    """Rows in time order: items 0..19 with their own like rates, and item "new" only in the newest tenth."""
+    rng = np.random.default_rng(seed)
+    rates = np.linspace(0.1, 0.9, 20)
+    users, cands, hist_ids, hist_r, labels = [], [], [], [], []
+    last: dict = {}
+    for i in range(n):
+        u = int(rng.integers(100))
+        item = "new" if i >= n * 0.9 and rng.random() < 0.3 else str(int(rng.integers(20)))
+        like = float(rng.random() < (0.9 if item == "new" else rates[int(item)]))
+        users.append(u), cands.append(item), labels.append(like)
+        h = last.get(u, [])
+        hist_ids.append([j for j, _ in h]), hist_r.append([r for _, r in h])
+        last[u] = ([(item, 5.0 if like else 1.0)] + h)[:5]
+    return users, cands, hist_ids, hist_r, np.array(labels)
+
+
+def test_tree_head_learns_from_past_statistics_only_and_travels_with_the_tables(tmp_path):
+    from llmrec_ray.collab import HEAD_FEATURES, batch_tensors, head_examples, save_collab
+
+    users, cands, hist_ids, hist_r, labels = _stream()
+    vocab = ItemVocab(sorted(set(cands)))
+    hist = history_arrays(vocab, hist_ids, hist_r, [[] for _ in cands], 5, 4.0)
+    rows = vocab.rows(cands)
+    # leakage check: "new" first appears in the newest tenth; read against the older 90% it is an item never seen
+    t = batch_tensors(rows, hist)
+    k = int(len(labels) * 0.9)
+    x = head_examples(CollabNet(len(vocab), 4, neighbours=5), t, torch.tensor(labels, dtype=torch.float32),
+                      np.array(users), k)
+    new = rows[k:] == vocab.index["new"]
+    assert new.any()
+    for name in ("item_logcount", "item_std"):
+        assert (x[new, HEAD_FEATURES.index(name)] == 0).all(), name
+    # its like rate is the prior (the older rows' overall rate), not the 0.9 of its own rows
+    np.testing.assert_allclose(x[new, HEAD_FEATURES.index("item_like_rate")], labels[:k].mean(), rtol=1e-5)
+    assert (x[~new, HEAD_FEATURES.index("item_logcount")] > 0).all()
+
+    net = CollabNet(len(vocab), 4, neighbours=5)
+    report = fit_collab(net, rows, hist, labels, epochs=2, users=np.array(users), head_fraction=0.5, head_trees=20,
+                        head_min_rows=500)
+    assert net.head is not None and report.head_rows == 1500
+    with torch.no_grad():
+        linear = net.linear_logit(**{k: v for k, v in t.items()}).numpy()
+    p = predict_logits(net, rows, hist)
+    assert not np.allclose(p, linear)  # the head scores, not the linear sum
+    from llmrec_ray.metrics import auc
+
+    assert auc(labels, p) > 0.7  # the items' like rates, learned through the statistics
+    save_collab(net, vocab, tmp_path)
+    net2, vocab2 = load_collab(tmp_path)
+    assert json.loads((tmp_path / "collab_vocab.json").read_text())["head_features"] == list(HEAD_FEATURES)
+    np.testing.assert_allclose(predict_logits(net2, vocab2.rows(cands), hist), p, atol=1e-6)
+    grown, vocab3 = warm_start((net2, vocab2), ["brand-new"], 4, 5)  # a next round starts from it, head included
+    np.testing.assert_allclose(predict_logits(grown, vocab3.rows(cands), hist), p, atol=1e-6)
+    # too few rows for the head: none this round, the linear sum scores
+    small = CollabNet(len(vocab), 4)
+    assert fit_collab(small, rows[:400], type(hist)(*(a[:400] for a in hist.as_dict().values())), labels[:400],
+                      epochs=1, head_fraction=0.5, head_min_rows=500).head_rows == 0
+    assert small.head is None
+
+
+def test_the_tree_head_survives_the_consolidated_state_dict_export(cfg, tmp_path):
+    """ZeRO-3 exports go through save_export(state_dict=...), which rebuilds the tables in a CPU twin; the head is
+    not in a state dict and must be carried over."""
+    import lightgbm as lgb
+
+    from llmrec_ray.collab import HEAD_FEATURES, TreeHead
+
+    model, tokenizer = _hybrid(cfg)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, len(HEAD_FEATURES))).astype(np.float32)
+    booster = lgb.train(_lgb_params(), lgb.Dataset(x, (x[:, 1] > 0).astype(float), params={"verbose": -1}), 5)
+    model.collab.head = TreeHead.from_lightgbm(booster.dump_model())
+    frame = _frame(["1", "2", "9"], [["2"], [], ["2", "1"]])
+    before = score_frame(model, tokenizer, cfg, frame)
+    model.collab.head = None
+    assert not np.allclose(score_frame(model, tokenizer, cfg, frame), before)  # the head changes the scores
+    model.collab.head = TreeHead.from_lightgbm(booster.dump_model())
+    save_export(model, tokenizer, cfg, tmp_path / "m", state_dict=model.state_dict())
+    loaded, tok2, cfg2 = load_export(tmp_path / "m")
+    assert loaded.collab.head is not None
+    np.testing.assert_allclose(score_frame(loaded, tok2, cfg2, frame), before, atol=1e-6)

@@ -43,7 +43,9 @@ def stage_collab(cfg, store):
     net, vocab = warm_start(None, frame["item_id"], cfg.model.collab.dim)
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), cfg.model.collab.history_len, 4.0)
-    fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), epochs=2)
+    fit = fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), epochs=2,
+                     head_fraction=0.5, head_trees=10, head_min_rows=100)
+    assert net.head is not None and fit.head_rows == 256  # the workers' forward runs the tree head too
     out = tempfile.mkdtemp()
     save_collab(net, vocab, out)
     store.upload_dir(out, "staging/collab")
