@@ -1,7 +1,7 @@
 """Probe: how strong can a classical model get on the quality protocol? (issue 11; a finding, not an arm)
 
-    pip install lightgbm    # not a project dependency: this probe only
-    .venv/bin/python benchmarks/gbdt_probe.py [--label-weeks 20] [--linear] [--leaky] [--drop knn,gen] [--work out/quality]
+    .venv/bin/python benchmarks/gbdt_probe.py [--label-weeks 20] [--linear | --mlp] [--leaky] [--topk 50]
+                                              [--collab] [--drop knn,gen] [--work out/quality]
 
 Same data, split and scoring as benchmarks/quality_ml100k.py: for each of the 4 test weeks, a model frozen at the
 week's start scores every row of it, a row's history = every earlier event of its user. The model: gradient-boosted
@@ -10,6 +10,11 @@ history (count, like rate, mean / spread of ratings, the last 5 ratings, deviati
 the candidate (count, smoothed like rate and mean rating, spread, age, release year, like rate of its last two
 weeks), and the history against the candidate: item-item similarity (adjusted cosine over co-ratings, shrunk) and
 genre similarity, each as a weighted mean-centred rating and max / mean similarity (prefix knn_ / gen_).
+
+--mlp: a small MLP instead (epochs chosen on the newest tenth). --topk K: each item keeps only its K most similar
+items with positive similarity (the product's neighbour lists). --collab: adds the linear logit and features of the
+product's collaborative part (tables fitted on the same snapshot rows). This probe led to the collaborative part's
+tree head (llmrec_ray/collab.py), which is the same idea inside the product.
 
 Training rows are the events of the --label-weeks weeks before the test week; the item statistics and similarities
 they read come from a snapshot of the events BEFORE those weeks (--leaky: from every event before the test week,
@@ -161,11 +166,7 @@ def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, line
 
         opt.step(closure)
         return lin(xb).squeeze(-1).detach().numpy()
-    try:
-        import lightgbm as lgb
-    except ImportError:
-        raise SystemExit("gbdt_probe.py needs lightgbm (not a project dependency): .venv/bin/pip install lightgbm, "
-                         "or run with --linear") from None
+    import lightgbm as lgb
     params = dict(objective="binary", learning_rate=0.03, num_leaves=15, min_data_in_leaf=50, bagging_fraction=0.8,
                   bagging_freq=1, feature_fraction=0.8, lambda_l2=1.0, verbose=-1, seed=0, num_threads=2)
     return lgb.train(params, lgb.Dataset(x_train, y), 400).predict(x_test)

@@ -243,6 +243,8 @@ class TreeHead:
     def __init__(self, feature, threshold, left, right, value, num_features: int):
         self.feature, self.threshold, self.left, self.right, self.value = feature, threshold, left, right, value
         self.num_features = num_features
+        if self.feature.numel() and not 0 <= int(self.feature.min()) <= int(self.feature.max()) < num_features:
+            raise ValueError(f"tree head: a split reads a feature outside 0..{num_features - 1}")
         self.depth = self._depth()
 
     @classmethod

@@ -113,10 +113,15 @@ def shortlist_ids(model, cfg, index: "ItemIndex", history: Sequence[str], rating
                   pool: Optional[set] = None, exclude: Sequence[str] = ()) -> list[str]:
     """The n items a rerank scores: the best by the collaborative logit's item-dependent part -- the index's inner
     product (exact), plus the neighbour terms for the items they can lift (neighbour_lift), which the inner product
-    cannot see. pool: the item ids allowed (None = every indexed item); exclude: ids never returned."""
+    cannot see. With a tree head (which does not factorise), that linear ranking gives n x cfg.serve.shortlist_widen
+    items and the head's logit keeps the best of those the tables know; the items they do not know (scored from
+    text) keep the places the linear ranking gave them. pool: the item ids allowed (None = every indexed item);
+    exclude: ids never returned."""
     allowed = None if pool is None else index.rows(sorted(pool))
     user = user_vectors(model, cfg, [list(history)], [list(ratings)])
-    top = index.top_n(user, n, allowed=allowed, exclude=[list(exclude)])[0]
+    head = model.collab.head is not None
+    wide = n * cfg.serve.shortlist_widen if head else n
+    top = index.top_n(user, wide, allowed=allowed, exclude=[list(exclude)])[0]
     score = dict(zip(top.item_ids, top.scores.tolist()))
     skip = set(map(str, exclude))
     lift = {i: x for i, x in neighbour_lift(model, cfg, history, ratings).items()
@@ -124,7 +129,23 @@ def shortlist_ids(model, cfg, index: "ItemIndex", history: Sequence[str], rating
     if lift:
         lifted = index.top_n(user, len(lift), allowed=index.rows(sorted(lift)))[0]
         score.update({i: s + lift[i] for i, s in zip(lifted.item_ids, lifted.scores.tolist())})
-    return sorted(score, key=lambda i: -score[i])[:n]
+    ranked = sorted(score, key=lambda i: -score[i])[:wide]
+    if not head:
+        return ranked
+    unknown = [i for i in ranked[:n] if i not in model.vocab.index]
+    known = [i for i in ranked if i in model.vocab.index]
+    logits = collab_logits(model, cfg, known, history, ratings)
+    return [known[j] for j in np.argsort(-logits, kind="stable")[: n - len(unknown)]] + unknown
+
+
+def collab_logits(model, cfg, item_ids: Sequence[str], history: Sequence[str],
+                  ratings: Sequence[Optional[float]]) -> np.ndarray:
+    """The collaborative part's logit (the tree head's, when it has one) of each item for one history."""
+    hist = history_arrays(model.vocab, [list(history)], [[np.nan if r is None else float(r) for r in ratings]], [[]],
+                          max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
+    tensors = {k: torch.from_numpy(np.repeat(v, len(item_ids), axis=0)) for k, v in hist.as_dict().items()}
+    with torch.inference_mode():
+        return model.collab(torch.from_numpy(model.vocab.rows(list(item_ids))), **tensors).float().numpy()
 
 
 def model_key(model) -> str:

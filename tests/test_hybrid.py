@@ -349,6 +349,16 @@ def test_tree_head_learns_from_past_statistics_only_and_travels_with_the_tables(
     net2, vocab2 = load_collab(tmp_path)
     assert json.loads((tmp_path / "collab_vocab.json").read_text())["head_features"] == list(HEAD_FEATURES)
     np.testing.assert_allclose(predict_logits(net2, vocab2.rows(cands), hist), p, atol=1e-6)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "collab.safetensors"))
+    tensors["head.feature"][0, 0] = len(HEAD_FEATURES)  # a split reading a feature that does not exist
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad.safetensors").rename(tmp_path / "bad" / "collab.safetensors")
+    (tmp_path / "bad" / "collab_vocab.json").write_text((tmp_path / "collab_vocab.json").read_text())
+    with pytest.raises(ValueError, match="cannot be loaded.*outside"):
+        load_collab(tmp_path / "bad")
     grown, vocab3 = warm_start((net2, vocab2), ["brand-new"], 4, 5)  # a next round starts from it, head included
     np.testing.assert_allclose(predict_logits(grown, vocab3.rows(cands), hist), p, atol=1e-6)
     # too few rows for the head: none this round, the linear sum scores

@@ -250,3 +250,51 @@ def test_shortlist_ranks_by_the_whole_collaborative_logit_neighbour_terms_includ
     assert set(outside[:2]) <= set(top)  # the lifted items now belong to the collaborative top 4 ...
     assert shortlist_ids(model, cfg, index, history, ratings, 4, pool=pool, exclude=history) == top  # ... and here
     assert outside[0] not in shortlist_ids(model, cfg, index, history, ratings, 4, pool=pool - {outside[0]})
+
+
+def test_with_a_tree_head_the_shortlist_is_the_heads_top_n_of_a_wider_linear_list(cfg):
+    """The tree head does not factorise: the index ranks n x serve.shortlist_widen items by the linear sum, and the
+    head keeps its best n of them (items scored from text keep their linear places)."""
+    import lightgbm as lgb
+
+    from llmrec_ray.collab import HEAD_FEATURES, TreeHead
+    from llmrec_ray.retrieval import shortlist_ids
+
+    model, tokenizer = _hybrid(cfg)
+    index = build_index(model, tokenizer, cfg, CATALOG, [TEXTS[i] for i in CATALOG],
+                        [GENRES[k % 3] for k in range(len(CATALOG))], version="v0001")
+    history, ratings = ["3", "7"], [5.0, 1.0]
+    pool = set(KNOWN) - set(history)
+    linear = shortlist_ids(model, cfg, index, history, ratings, 3, pool=pool)
+    # a head that ranks by the items' like rates, which the linear sum does not read
+    rng = np.random.default_rng(0)
+    x = rng.random((500, len(HEAD_FEATURES))).astype(np.float32)
+    col = HEAD_FEATURES.index("item_like_rate")
+    params = dict(objective="binary", num_leaves=4, min_data_in_leaf=5, use_missing=False, verbose=-1, num_threads=1)
+    booster = lgb.train(params, lgb.Dataset(x, (x[:, col] > 0.5).astype(float), params={"verbose": -1}), 20)
+    with torch.no_grad():
+        model.collab.item_like_rate.copy_(torch.from_numpy(rng.permutation(len(KNOWN) + 1) / (len(KNOWN) + 1.0)))
+    model.collab.head = TreeHead.from_lightgbm(booster.dump_model())
+    by_rate = sorted(pool, key=lambda i: -float(model.collab.item_like_rate[model.vocab.index[i]]))
+    wide = cfg.model_copy(deep=True)
+    wide.serve.shortlist_widen = 10  # 30 >= the 8 pool items: the head sees them all
+    assert set(shortlist_ids(model, wide, index, history, ratings, 3, pool=pool)) == set(by_rate[:3])
+    narrow = cfg.model_copy(deep=True)
+    narrow.serve.shortlist_widen = 1  # the head only reorders the linear top 3
+    assert set(shortlist_ids(model, narrow, index, history, ratings, 3, pool=pool)) == set(linear)
+    assert set(by_rate[:3]) != set(linear)  # so the two cases differ
+    # an item scored from text ("n1": the tables never saw it) keeps the place the linear ranking gives it
+    mixed = shortlist_ids(model, wide, index, history, ratings, 7, pool=pool | {"n1", "n2"})
+    linear_mixed = shortlist_ids(model.__class__(model.lm, _without_head(model.collab), model.vocab,
+                                                 model.fusion_weights()), wide, index, history, ratings, 7,
+                                 pool=pool | {"n1", "n2"})
+    new_items = [i for i in linear_mixed if i in ("n1", "n2")]
+    assert new_items and [i for i in mixed if i in ("n1", "n2")] == new_items and len(mixed) == 7
+
+
+def _without_head(collab):
+    import copy
+
+    out = copy.copy(collab)
+    out.head = None
+    return out
