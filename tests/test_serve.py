@@ -48,12 +48,12 @@ def _write_catalog(store):
     store.write_bytes(CATALOG_KEY, buf.getvalue().to_pybytes())
 
 
-def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool = False):
-    """A hybrid export (text part + tables over the catalogue's 30 items) whose two parts both depend on `bias`,
-    so a response computed from the text part of one version and the tables of another is recognisable."""
+def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool = False, head: bool = True):
+    """A hybrid export (text part + tables and a tree head over the catalogue's 30 items) whose parts all depend on
+    `bias`, so a response computed from the text part of one version and the tables of another is recognisable."""
     import torch
 
-    from llmrec_ray.collab import CollabNet
+    from llmrec_ray.collab import HEAD_FEATURES, CollabNet, TreeHead
     from llmrec_ray.ids import ItemVocab
     from llmrec_ray.model import HybridScorer, build_model, save_export
 
@@ -64,6 +64,10 @@ def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool
     with torch.no_grad():
         collab.mu.fill_(-2.0 * bias)
         collab.item_bias.weight[1:].fill_(0.3 * bias)
+    if head:  # one stump on the history's size: the head (not the linear sum) scores, and swaps with its tables
+        collab.head = TreeHead(torch.tensor([[HEAD_FEATURES.index("log_n"), 0, 0]]), torch.tensor([[0.5, 0.0, 0.0]]),
+                               torch.tensor([[1, 1, 2]]), torch.tensor([[2, 1, 2]]),
+                               torch.tensor([[0.0, -1.5 * bias, 0.8 * bias]], dtype=torch.float64), len(HEAD_FEATURES))
     model = HybridScorer(lm, collab, ItemVocab(str(i) for i in range(1, 31)))
     out = save_export(model, tok, cfg, tmp_path / "exports" / version)
     if corrupt:
@@ -266,6 +270,9 @@ def test_bearer_auth(serve_env, monkeypatch):
 def test_hot_swap_no_failed_requests_and_never_mixes_the_parts_of_two_versions(app):
     url = app["url"]
     body = {"history": ["1"], "candidates": ["2", "3"]}
+    from llmrec_ray.model import load_export
+
+    assert all(load_export(app["exports"][v])[0].collab.head is not None for v in ("v0001", "v0002"))  # trees swap too
     pure = {v: _expected(app["exports"], v, v, body) for v in ("v0001", "v0002")}
     mixed = [_expected(app["exports"], "v0001", "v0002", body), _expected(app["exports"], "v0002", "v0001", body)]
     for m in mixed:  # the check can tell a mix from either version
@@ -783,7 +790,9 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
     cfg = config_from_dict(d)
     store = Store.from_config(cfg.store)
     _write_catalog(store)
-    export = _write_export(store, cfg, "v0001", -1.0, tmp_path)
+    # no tree head: the check below reads the answer off the index's linear top-1 (the head's shortlist:
+    # tests/test_retrieval.py)
+    export = _write_export(store, cfg, "v0001", -1.0, tmp_path, head=False)
     index_builder(cfg, store)(export, "v0001")
     store.upload_dir(export, model_prefix("v0001"))
     _promote(store, "v0001", ["v0001"])
