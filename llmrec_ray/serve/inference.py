@@ -86,9 +86,9 @@ def grow_index(index, catalog) -> list[str]:
 def shortlist(state: Loaded, item: ScoreItem) -> ScoreItem:
     """The retrieval stage: the request cut to the `item.shortlist` candidates the version's item index ranks best
     (llmrec_ray/retrieval.py shortlist_ids: the collaborative part's ranking -- the index's inner product plus the
-    neighbour terms of the items they can lift, then its tree head over a wider list), plus every candidate the index does not hold (catalogue items newer
-    than the version that grow_index has not added yet: the scorer ranks them from text). Unchanged without an index
-    or when the pool is short already."""
+    neighbour terms of the items they can lift, then its tree head over a wider list), plus every candidate the index
+    does not hold (catalogue items newer than the version that grow_index has not added yet: the scorer ranks them from
+    text). Unchanged without an index or when the pool is short already."""
     from llmrec_ray.retrieval import shortlist_ids
 
     n = item.shortlist
