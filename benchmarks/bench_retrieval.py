@@ -13,7 +13,9 @@ quality  the quality benchmark's model frozen at the start of a test week (--mod
          (exhaustive), retrieval returns its top-N over the catalogue, history excluded in both. Reported:
          recall@N of the exhaustive top-10 within the retrieved N, and HR@10 / NDCG@10 of the held-out item for
          exhaustive ranking, two-stage (the shortlist of 100 -- retrieval.shortlist_ids: the index's inner product plus
-         the neighbour terms -- reranked with the full scorer) and the index's inner product alone.
+         the neighbour terms, and with a tree head the head's best 100 of that ranking's 100 x --widen -- reranked
+         with the full scorer) and the index's inner product alone. --widen W1,W2,..: the shortlist's recall for each
+         width (serve.shortlist_widen; default the model's own).
          Needs benchmarks/quality_ml100k.py's outputs in --work (its store and examples cache). The exhaustive scores
          are cached in out/bench/retrieval-exhaustive-<model>.npz, so a rerun only scores users it has not seen.
 
@@ -122,7 +124,7 @@ def rank_metrics(ranked_ids: list[str], positive: str, k: int) -> tuple[float, f
     return 1.0, 1.0 / np.log2(top.index(positive) + 2)
 
 
-def quality(work: Path, model_name: str, num_users: int, n: int, seed: int) -> dict:
+def quality(work: Path, model_name: str, num_users: int, n: int, seed: int, widen: list[int]) -> dict:
     import pandas as pd
     import torch
 
@@ -134,6 +136,7 @@ def quality(work: Path, model_name: str, num_users: int, n: int, seed: int) -> d
 
     model_dir = work / "store" / "quality" / "models" / model_name
     model, tokenizer, cfg = load_export(model_dir)
+    widths = widen or [cfg.serve.shortlist_widen]
     try:
         week = dt.date.fromisoformat(model_name[-10:])  # hybrid-1998-04-20: frozen at the start of that week
     except ValueError:
@@ -176,12 +179,19 @@ def quality(work: Path, model_name: str, num_users: int, n: int, seed: int) -> d
         retrieved = index.top_n(uv, max(max(RECALL_AT), n), exclude=[row.history_ids])[0].item_ids
         timing["retrieve_s"].append(time.perf_counter() - t0)
         # what Serve reranks: the index's best with the neighbour terms added (retrieval.shortlist_ids)
-        short = shortlist_ids(model, cfg, index, row.history_ids, row.history_ratings, n, exclude=row.history_ids)
+        wide = {}
+        for w in widths:
+            cfg.serve.shortlist_widen = w
+            t0 = time.perf_counter()
+            wide[w] = shortlist_ids(model, cfg, index, row.history_ids, row.history_ratings, n, exclude=row.history_ids)
+            timing.setdefault(f"shortlist_x{w}_s", []).append(time.perf_counter() - t0)
+        short = wide[widths[0]]
         two_stage = sorted(short, key=lambda i: -probs[position[i]])  # the same scores a rerank of the n computes
         top10 = set(exhaustive[:10])
         m = {"user_id": row.user_id, "positive": row.item_id,
              **{f"recall@{r}": len(top10 & set(retrieved[:r])) / 10 for r in RECALL_AT},
-             "recall_shortlist": len(top10 & set(short)) / 10}
+             "recall_shortlist": len(top10 & set(short)) / 10,
+             **{f"recall_shortlist_x{w}": len(top10 & set(wide[w])) / 10 for w in widths}}
         for name, ranking in (("exhaustive", exhaustive), ("two_stage", two_stage), ("retrieval", retrieved)):
             m[f"{name}_hr@10"], m[f"{name}_ndcg@10"] = rank_metrics(ranking, row.item_id, 10)
         m["positive_in_retrieved"] = float(row.item_id in short)
@@ -197,7 +207,8 @@ def quality(work: Path, model_name: str, num_users: int, n: int, seed: int) -> d
         timing["rerank_s"].append(time.perf_counter() - t0)
     mean = {k: round(float(np.mean([m[k] for m in per_user])), 4) for k in per_user[0] if k not in ("user_id", "positive")}
     return {"model": model_name, "week": week.isoformat(), "week_users": week_users, "users": len(per_user),
-            "seed": seed, "n": n, "catalogue_items": len(ids), "items_from_text": int(index.from_text.sum()),
+            "seed": seed, "n": n, "widen": widths, "catalogue_items": len(ids),
+            "items_from_text": int(index.from_text.sum()),
             "index_build_s": round(build_s, 1), "ridge_alpha": index.projection.alpha,
             "ridge_loo_r2": round(index.projection.loo_r2, 4), "ridge_fit_items": index.projection.num_fit,
             "mean": mean, "timing": {k: pct_ms(v) for k, v in timing.items() if v},
@@ -226,7 +237,9 @@ def markdown(result: dict) -> str:
                   + " |", "|---|" + "---|" * len(RECALL_AT),
                   "| mean | " + " | ".join(f"{m[f'recall@{r}']:.3f}" for r in RECALL_AT) + " |", "",
                   f"Within the shortlist Serve reranks ({q['n']}: the index's inner product + the neighbour terms, "
-                  f"retrieval.shortlist_ids): {m['recall_shortlist']:.3f}.", "",
+                  f"then a tree head's best of {q['n']} x widen; retrieval.shortlist_ids): "
+                  + ", ".join(f"widen {w}: {m.get(f'recall_shortlist_x{w}', m['recall_shortlist']):.3f}"
+                              for w in q.get("widen", [5])) + ".", "",
                   "| ranking of the held-out liked item (catalogue, history excluded) | HR@10 | NDCG@10 |", "|---|---|---|",
                   f"| exhaustive: the full hybrid over all {q['catalogue_items']:,} items | {m['exhaustive_hr@10']:.3f} | "
                   f"{m['exhaustive_ndcg@10']:.3f} |",
@@ -239,6 +252,8 @@ def markdown(result: dict) -> str:
                   f"{q['index_build_s']} s."]
         t = q["timing"]
         parts = [f"retrieval (user vector + top-{max(max(RECALL_AT), q['n'])}) p50 {t['retrieve_s']['p50_ms']} ms"]
+        parts += [f"shortlist (widen {w}) p50 {t[f'shortlist_x{w}_s']['p50_ms']} ms" for w in q.get("widen", [])
+                  if f"shortlist_x{w}_s" in t]
         if "rerank_s" in t:
             parts.append(f"full-scorer rerank of {q['n']} items p50 {t['rerank_s']['p50_ms']} ms")
         if "exhaustive_s" in t:
@@ -259,6 +274,7 @@ def main() -> None:
     p.add_argument("--model", default="hybrid-1998-04-20", help="a hybrid export of that run; its date names the week")
     p.add_argument("--users", type=int, default=50, help="sampled users of the week (0 = all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--widen", default="", help="comma-separated serve.shortlist_widen values (first: the two-stage row)")
     args = p.parse_args()
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -270,7 +286,8 @@ def main() -> None:
         result["latency"] = latency(args.items, args.dim, args.n, args.requests, args.threads, args.seed)
     if args.part in ("quality", "all"):
         print("== quality", flush=True)
-        result.setdefault("quality", {})[args.model] = quality(Path(args.work), args.model, args.users, args.n, args.seed)
+        result.setdefault("quality", {})[args.model] = quality(Path(args.work), args.model, args.users, args.n, args.seed,
+                                                         [int(w) for w in args.widen.split(",") if w])
     json_path.write_text(json.dumps(result, indent=2))
     (OUT_DIR / "retrieval.md").write_text(markdown(result))
     print(markdown(result))

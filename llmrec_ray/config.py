@@ -188,7 +188,8 @@ class ServeConfig(_Section):
     # pool, the full scorer reranks them; 0 = score the whole pool (versions without an index always do)
     rerank_n: int = Field(100, ge=0)
     # with the collaborative part's tree head: the index shortlists rerank_n x this, the tree head keeps rerank_n
-    shortlist_widen: int = Field(5, ge=1)
+    # (recall of the full scorer's top-10: 0.87 / 0.96 / 0.99 / 1.0 at 1 / 5 / 10 / 20; benchmarks/bench_retrieval.py)
+    shortlist_widen: int = Field(10, ge=1)
     max_pool: int = Field(5000, ge=1)  # /v1/recommend: items scored per request (the pool after exclusions; MovieLens-100K has 1,682)
     max_request_tokens: int = Field(640_000, ge=1)  # per request: candidates x the served model's max_seq_len (its compute)
     max_history: int = Field(50, ge=0)
