@@ -137,6 +137,7 @@ def quality(work: Path, model_name: str, num_users: int, n: int, seed: int, wide
     model_dir = work / "store" / "quality" / "models" / model_name
     model, tokenizer, cfg = load_export(model_dir)
     widths = widen or [cfg.serve.shortlist_widen]
+    width_cfgs = {w: cfg.model_copy(update={"serve": cfg.serve.model_copy(update={"shortlist_widen": w})}) for w in widths}
     try:
         week = dt.date.fromisoformat(model_name[-10:])  # hybrid-1998-04-20: frozen at the start of that week
     except ValueError:
@@ -180,10 +181,9 @@ def quality(work: Path, model_name: str, num_users: int, n: int, seed: int, wide
         timing["retrieve_s"].append(time.perf_counter() - t0)
         # what Serve reranks: the index's best with the neighbour terms added (retrieval.shortlist_ids)
         wide = {}
-        for w in widths:
-            cfg.serve.shortlist_widen = w
+        for w, wcfg in width_cfgs.items():
             t0 = time.perf_counter()
-            wide[w] = shortlist_ids(model, cfg, index, row.history_ids, row.history_ratings, n, exclude=row.history_ids)
+            wide[w] = shortlist_ids(model, wcfg, index, row.history_ids, row.history_ratings, n, exclude=row.history_ids)
             timing.setdefault(f"shortlist_x{w}_s", []).append(time.perf_counter() - t0)
         short = wide[widths[0]]
         two_stage = sorted(short, key=lambda i: -probs[position[i]])  # the same scores a rerank of the n computes
@@ -238,8 +238,8 @@ def markdown(result: dict) -> str:
                   "| mean | " + " | ".join(f"{m[f'recall@{r}']:.3f}" for r in RECALL_AT) + " |", "",
                   f"Within the shortlist Serve reranks ({q['n']}: the index's inner product + the neighbour terms, "
                   f"then a tree head's best of {q['n']} x widen; retrieval.shortlist_ids): "
-                  + ", ".join(f"widen {w}: {m.get(f'recall_shortlist_x{w}', m['recall_shortlist']):.3f}"
-                              for w in q.get("widen", [5])) + ".", "",
+                  + (", ".join(f"widen {w}: {m[f'recall_shortlist_x{w}']:.3f}" for w in q["widen"]) if "widen" in q
+                     else f"{m['recall_shortlist']:.3f}") + ".", "",
                   "| ranking of the held-out liked item (catalogue, history excluded) | HR@10 | NDCG@10 |", "|---|---|---|",
                   f"| exhaustive: the full hybrid over all {q['catalogue_items']:,} items | {m['exhaustive_hr@10']:.3f} | "
                   f"{m['exhaustive_ndcg@10']:.3f} |",

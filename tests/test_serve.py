@@ -268,10 +268,10 @@ def test_bearer_auth(serve_env, monkeypatch):
 
 
 def test_hot_swap_no_failed_requests_and_never_mixes_the_parts_of_two_versions(app):
-    url = app["url"]
-    body = {"history": ["1"], "candidates": ["2", "3"]}
     from llmrec_ray.model import load_export
 
+    url = app["url"]
+    body = {"history": ["1"], "candidates": ["2", "3"]}
     assert all(load_export(app["exports"][v])[0].collab.head is not None for v in ("v0001", "v0002"))  # trees swap too
     pure = {v: _expected(app["exports"], v, v, body) for v in ("v0001", "v0002")}
     mixed = [_expected(app["exports"], "v0001", "v0002", body), _expected(app["exports"], "v0002", "v0001", body)]
