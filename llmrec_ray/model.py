@@ -6,10 +6,12 @@
     logit = collab_logit + w1 * lm_logit + w2 * lm_logit * unknown + w3 * unknown + b   (unknown: 1 when the
             tables never saw the candidate; the fusion weights learn how much the text must carry then)
 
-Why late fusion: the collaborative part is trained on all history in seconds (items are rows, not
-(user, item) pairs through a transformer), the language model then learns, with DeepSpeed, what the
-tables miss (a residual, from the fused loss), and each part stays usable alone -- `model.kind=text`
-is the cross-encoder by itself. Alternatives measured: README, benchmarks/quality_ml100k.py.
+Why late fusion, fitted by stacking: the collaborative part is trained on all history in seconds (items are rows,
+not (user, item) pairs through a transformer); the language model learns, with DeepSpeed, to score from text alone
+(its own BCE: what a new item needs); then the four fusion weights are fitted on the round's validation rows, which
+neither part trained on (`fit_fusion`). Each part stays usable alone -- `model.kind=text` is the cross-encoder by
+itself. Training the text part through the fused loss instead (a residual of the tables) was measured first: early
+stopping kept the untrained text part every time. Figures: README, benchmarks/quality_ml100k.py, cold_items.py.
 
 An export is one folder: config.json + model.safetensors + tokenizer files (the text part: stock
 `transformers` loads it alone and gives its scores), collab.safetensors + collab_vocab.json +
@@ -64,21 +66,56 @@ class HybridScorer(torch.nn.Module):
     def is_hybrid(self) -> bool:
         return self.collab is not None
 
-    def forward(self, input_ids, attention_mask, token_type_ids, cand_rows=None, **hist):
+    def forward(self, input_ids, attention_mask, token_type_ids, cand_rows=None, with_text: bool = False, **hist):
+        """(B,) fused logits; with_text=True: (fused, the text part's own logits) -- what a round trains."""
         lm_logit = self.lm(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=token_type_ids).logits.squeeze(-1).float()  # (B,)
         if self.collab is None:
-            return lm_logit
+            return (lm_logit, lm_logit) if with_text else lm_logit
         if cand_rows is None:  # no ids given: unknown candidates and an id-less history
             cand_rows = torch.zeros_like(lm_logit, dtype=torch.long)
             hist = {k: torch.zeros((len(lm_logit), 1), dtype=torch.long if k == "hist_rows" else torch.float32,
                                    device=lm_logit.device) for k in HIST_KEYS}
         unknown = (cand_rows == 0).float()
         cf = self.collab(cand_rows, **hist)
-        return cf + self.fusion(torch.stack([lm_logit, lm_logit * unknown, unknown], dim=-1)).squeeze(-1)
+        fused = self.fusion(torch.stack([lm_logit, lm_logit * unknown, unknown], dim=-1)).squeeze(-1)
+        return (cf + fused, lm_logit) if with_text else cf + fused
 
     def fusion_weights(self) -> list[float]:
         return [*self.fusion.weight.detach().reshape(-1).tolist(), float(self.fusion.bias.detach())]
+
+
+def fit_fusion(lm_logit, cf, cf_unknown, unknown, labels, l2: float = 1e-3) -> list[float]:
+    """Fusion weights (lm, lm * unknown, unknown, bias) minimising BCE(sigmoid(cf + fusion)) on held-out rows
+    (stacking; the collaborative logit is a fixed offset). Each row counts as it is and, when its candidate is known,
+    once more as if it were not (cf_unknown: the collaborative logit with the candidate's row hidden, unknown=1),
+    so the unknown-item weights learn how far the text must carry an item the tables never saw.
+    All inputs (N,) tensors; l2 shrinks the three weights (not the bias) towards 0 = the tables alone."""
+    lm_logit, cf, cf_unknown, unknown, labels = (torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+                                                 for t in (lm_logit, cf, cf_unknown, unknown, labels))
+    known = unknown == 0
+    lm_all = torch.cat([lm_logit, lm_logit[known]])
+    u = torch.cat([unknown, torch.ones(int(known.sum()), dtype=torch.float64)])
+    offset, y = torch.cat([cf, cf_unknown[known]]), torch.cat([labels, labels[known]])
+    x = torch.stack([lm_all, lm_all * u, u], dim=1)
+    w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(offset + x @ w[:3] + w[3], y) + l2 * (w[:3] ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return [float(v) for v in w.detach()]
+
+
+def write_fusion(out_dir: Path, weights: list[float]) -> None:
+    """fusion.json, replaced atomically (a reader sees the old file or the new one)."""
+    tmp = out_dir / f".{FUSION_FILE}.tmp"
+    tmp.write_text(json.dumps({"weights": [float(w) for w in weights], "inputs": ["lm", "lm*unknown", "unknown", "bias"]}))
+    tmp.replace(out_dir / FUSION_FILE)
 
 
 def encode_inputs(tokenizer, vocab: Optional[ItemVocab], cfg: Config, candidate_texts: list[str], history_texts: list[str],
@@ -180,8 +217,7 @@ def save_export(model, tokenizer, cfg: Config, out_dir: str | Path, state_dict: 
         unwrap(scorer.lm).save_pretrained(out_dir, safe_serialization=True)
     if scorer.is_hybrid:
         save_collab(scorer.collab, scorer.vocab, out_dir)
-        (out_dir / FUSION_FILE).write_text(json.dumps({"weights": scorer.fusion_weights(),
-                                                       "inputs": ["lm", "lm*unknown", "unknown", "bias"]}))
+        write_fusion(out_dir, scorer.fusion_weights())
     tokenizer.save_pretrained(out_dir)
     if not scorer.is_hybrid and cfg.model.kind != "text":  # the saved config says what the folder holds
         cfg = cfg.model_copy(deep=True)

@@ -4,8 +4,9 @@
 "train" and "val" Ray Datasets; it returns the best model's export and the round's metrics.
 
 For model.kind=hybrid the driver first fits the collaborative part on all history (`fit_round_collab`,
-seconds) and stages it in the store; the workers load it frozen and fine-tune the text part (and the
-fusion weights) through the fused loss. `train_candidate` is that whole recipe.
+seconds) and stages it in the store; the workers load it frozen and fine-tune the text part on its own BCE;
+then the driver fits the fusion weights on the validation rows (`fit_round_fusion`, stacking, seconds) and
+writes them into the export. `train_candidate` is that whole recipe.
 
 A round starts from the promoted model's Hugging Face export (weights only; the optimizer restarts
 with a warmup). That is the default on purpose: an HF export is independent of the worker count and
@@ -33,6 +34,8 @@ from llmrec_ray.ids import ItemVocab, history_arrays
 from llmrec_ray.config import Config
 from llmrec_ray.model import model_source
 from llmrec_ray.train_worker import key_in, train_func
+
+METRICS_FILE = "train_metrics.json"  # beside the export on the driver
 
 
 @dataclass
@@ -102,8 +105,48 @@ def train_candidate(cfg: Config, store, targets: list[str], older: list[str], re
                                catalog_version=catalog_version)
     tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None)
     train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
-    return run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store, collab_uri=stage.uri if stage else None,
-                        extra_metrics=stage.report if stage else None)
+    result = run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store, collab_uri=stage.uri if stage else None,
+                          extra_metrics=stage.report if stage else None)
+    if stage:
+        result.metrics.update(fit_round_fusion(result.export_dir, val_ds))
+        (result.export_dir.parent / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
+    return result
+
+
+def fit_round_fusion(export_dir: Path, val_ds) -> dict:
+    """Fit the exported hybrid's fusion weights on the round's validation rows (stacking: neither part trained on
+    them; llmrec_ray.model.fit_fusion) and rewrite its fusion.json. Returns the figures for the round's metrics."""
+    import torch
+
+    from llmrec_ray.ids import HIST_KEYS
+    from llmrec_ray.model import fit_fusion, load_export, write_fusion
+    from llmrec_ray.train_worker import MODEL_INPUT_KEYS
+
+    started = time.time()
+    model, _, _ = load_export(export_dir)
+    cols = {k: [] for k in ("lm_logit", "cf", "cf_unknown", "unknown", "labels")}
+    with torch.no_grad():
+        for batch in val_ds.iter_torch_batches(batch_size=64):
+            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+            hist, rows = {k: inputs[k] for k in HIST_KEYS}, inputs["cand_rows"]
+            cols["lm_logit"].append(model(**inputs, with_text=True)[1])
+            cols["cf"].append(model.collab(rows, **hist))
+            cols["cf_unknown"].append(model.collab(torch.zeros_like(rows), **hist))
+            cols["unknown"].append((rows == 0).float())
+            cols["labels"].append(batch["label"].float())
+    if not cols["labels"]:
+        return {"fusion_rows": 0}
+    c = {k: torch.cat(v).double() for k, v in cols.items()}
+
+    def val_loss(w: list[float]) -> float:
+        logit = c["cf"] + w[0] * c["lm_logit"] + w[1] * c["lm_logit"] * c["unknown"] + w[2] * c["unknown"] + w[3]
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(logit, c["labels"]))
+
+    start, weights = model.fusion_weights(), fit_fusion(**c)
+    write_fusion(export_dir, weights)
+    return {"fusion": " ".join(f"{w:.4f}" for w in weights), "fusion_rows": len(c["labels"]),
+            "fusion_val_loss_start": val_loss(start), "fusion_val_loss": val_loss(weights),
+            "fusion_val_loss_tables_alone": val_loss([0.0] * 4), "fusion_seconds": time.time() - started}
 
 
 def _storage(cfg: Config, store):
@@ -144,5 +187,5 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))}
     metrics["num_train_rows"] = num_train_rows
     metrics.update(extra_metrics or {})
-    (export_dir / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
+    (export_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return TrainResult(export_dir / "model", metrics, result.checkpoint.path, scratch=export_dir)

@@ -87,8 +87,10 @@ def load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Opt
     if not collab_uri:
         raise ValueError("model.kind=hybrid needs the round's collaborative tables (collab_uri); run it through run_training")
     collab, vocab = load_collab(store.download_dir(key_in(store, collab_uri), scratch / "collab"))
-    collab.requires_grad_(False)  # fitted on all history by the driver; the language model learns the residual
-    return HybridScorer(apply_lora(lm, cfg.model), collab, vocab, fusion), tokenizer
+    collab.requires_grad_(False)  # fitted on all history by the driver
+    scorer = HybridScorer(apply_lora(lm, cfg.model), collab, vocab, fusion)
+    scorer.fusion.requires_grad_(False)  # refitted by the driver after the round
+    return scorer, tokenizer
 
 
 class WorkerRound:
@@ -131,8 +133,11 @@ class WorkerRound:
         return True
 
     def loss(self, batch):
+        """BCE of the text part's own logits: it learns to score alone (what a new item needs); the hybrid's
+        fusion weights are fitted on the validation rows after the round (llmrec_ray.train.fit_round_fusion)."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-        return self.loss_fn(self.engine(**inputs), batch["label"].float())  # (B,) logits from HybridScorer
+        _, text = self.engine(**inputs, with_text=True)  # (B,) logits
+        return self.loss_fn(text, batch["label"].float())
 
     def validation_loss(self) -> float:
         """Mean BCE over every rank's validation rows (all-reduced: every rank gets the same number)."""

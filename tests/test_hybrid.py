@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from llmrec_ray.collab import CollabNet, fit_collab, load_collab, predict_logits, warm_start
-from llmrec_ray.ids import ItemVocab, history_arrays
+from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import load_config
-from llmrec_ray.model import HybridScorer, build_model, encode_inputs, load_export, save_export, score_frame
+from llmrec_ray.text import TOKEN_KEYS
+from llmrec_ray.model import (HybridScorer, build_model, encode_inputs, fit_fusion, load_export, save_export,
+                              score_frame)
 
 CANDS = ["Toy Story (1995) | Animation", "Heat (1995) | Action", "A brand new film | Drama"]
 HISTS = ["Jumanji (1995) rated 5", "no history", "Heat (1995) rated 1 ; Toy Story (1995) rated 5"]
@@ -79,6 +81,37 @@ def test_unknown_candidate_and_history_items_fall_back_to_text(cfg):
         expected = (model.collab.mu + model.collab.user_features(f).squeeze(-1)
                     + (w[0] + w[1]) * lm + w[2] + w[3])
         torch.testing.assert_close(model(**t), expected)
+
+
+def test_fit_fusion_weighs_the_text_by_how_much_it_knows_beside_the_tables():
+    # synthetic held-out rows: the text logit is a noisy view of what decides the label, for every item; the tables
+    # know it exactly for the items they saw and nothing for the others -- the text must count only for the latter
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    unknown = (torch.rand(n, generator=g) < 0.3).float()
+    signal = torch.randn(n, generator=g)
+    labels = (torch.rand(n, generator=g) < torch.sigmoid(2 * signal)).float()
+    lm_logit = signal + torch.randn(n, generator=g)
+    cf = torch.where(unknown == 1, torch.zeros(n), 2 * signal)
+    w = fit_fusion(lm_logit, cf, torch.zeros(n), unknown, labels)
+    assert abs(w[0]) < 0.15, w  # known items: the tables already say it all
+    assert w[0] + w[1] > 0.5, w  # unknown items: the text carries them
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    fused = cf + w[0] * lm_logit + w[1] * lm_logit * unknown + w[2] * unknown + w[3]
+    assert bce(fused, labels) < bce(cf, labels) - 0.02  # better than the tables alone on these rows
+
+
+def test_with_text_returns_the_text_parts_own_logit_beside_the_fused_one(cfg):
+    lm, tokenizer = build_model(cfg.model)
+    model = HybridScorer(lm, CollabNet(2, 4), ItemVocab(["a", "b"]), [0.5, 0.0, 0.0, 1.0]).eval()
+    enc = encode_inputs(tokenizer, model.vocab, cfg, ["x", "y"], ["h", "h"], item_ids=["a", "b"], history_ids=[[], []])
+    enc = {k: torch.as_tensor(v) for k, v in enc.items()}
+    with torch.no_grad():
+        fused, text = model(**enc, with_text=True)
+        cf = model.collab(enc["cand_rows"], **{k: enc[k] for k in HIST_KEYS})
+        torch.testing.assert_close(text, model.lm(**{k: enc[k] for k in TOKEN_KEYS}).logits.squeeze(-1))
+        torch.testing.assert_close(fused, cf + 0.5 * text + 1.0)
+        torch.testing.assert_close(model(**enc), fused)
 
 
 def test_ids_grow_between_rounds_old_rows_unchanged(cfg):

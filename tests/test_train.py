@@ -12,7 +12,7 @@ from llmrec_ray import ingest
 from llmrec_ray.config import load_config
 from llmrec_ray.model import load_export, model_source, score_texts
 from llmrec_ray.store import Store
-from llmrec_ray.train import run_training
+from llmrec_ray.train import fit_round_fusion, run_training
 from llmrec_ray.train_worker import deepspeed_config, total_steps
 
 TINY = ["model.backbone=tiny", "model.max_seq_len=24", "model.dropout=0.0", "train.num_workers=2",
@@ -71,6 +71,7 @@ def rounds(ray_session, tmp_path_factory):
     scratch_before = set(Path(tempfile.gettempdir()).glob("llmrec-train-r*"))
     first = run_training(cfg1, train, val, None, "round1", store, collab_uri=collab_uri)
     scratch_left = set(Path(tempfile.gettempdir()).glob("llmrec-train-r*")) - scratch_before
+    fusion = fit_round_fusion(first.export_dir, val)  # what train_candidate does after the workers
     store.upload_dir(first.export_dir, "registry/versions/v0001/model")
     # Round 2: ZeRO 2 from round 1's export; the last worker dies at step 5 and is replaced. It died at step 3
     # before: once in a clean-clone run the replacement then started without any checkpoint, most likely because
@@ -93,7 +94,7 @@ def rounds(ray_session, tmp_path_factory):
     text_train, text_val = datasets(cfg3)  # the text-only model: tokens alone
     lora = run_training(cfg3, text_train, text_val, None, "lora", store)
     yield {"first": first, "second": second, "lora": lora, "killed": (root / "killed").exists(), "cfg": cfg1,
-           "scratch_left": scratch_left}
+           "scratch_left": scratch_left, "fusion": fusion}
     for result in (first, second, lora):
         result.discard()
 
@@ -137,6 +138,15 @@ def test_export_loads_with_plain_transformers_and_scores_match(rounds):
     hybrid = score_texts(model, tokenizer, cands, hists, cfg.model.max_seq_len)
     assert hybrid[0] > 0.5 > hybrid[1]  # the fused model learned the pattern through its text part
     assert cfg.train.zero_stage == 1  # the resolved config travels with the weights
+
+
+def test_driver_fits_the_fusion_on_the_validation_rows_into_the_export(rounds):
+    f = rounds["fusion"]
+    assert f["fusion_rows"] == 128  # every validation row
+    assert f["fusion_val_loss"] < f["fusion_val_loss_tables_alone"] - 0.05, f  # the trained text part adds to the tables
+    assert f["fusion_val_loss"] <= f["fusion_val_loss_start"] + 1e-3, f
+    model, _, _ = load_export(rounds["first"].export_dir)
+    assert model.fusion_weights() == pytest.approx([float(w) for w in f["fusion"].split()], abs=1e-4)
 
 
 def test_lora_round_trains_and_exports_merged(rounds):
