@@ -15,8 +15,8 @@ Each arm learns from the remaining events before T and scores every row of T:
   hybrid[overrides]                    the hybrid trained the same way, once per --hybrid (comma-separated
                                        key=value overrides; "" = the defaults)
 
-Reports the AUC [95% CI] on the new items' rows (the rows that need text) and on T's other rows, and the hybrid's
-fusion weights. Writes <work>/cold_items.{json,md}; resumable (<work>/state.json keeps every finished arm).
+Reports the AUC [95% CI] on the new items' rows (the rows that need text), its difference to `collab`'s on the same
+resampled rows (paired bootstrap), the AUC on T's other rows, and the hybrid's fusion weights. Writes <work>/cold_items.{json,md}; resumable (<work>/state.json keeps every finished arm).
 """
 
 from __future__ import annotations
@@ -104,10 +104,12 @@ def run(args) -> dict:
         print(f"   {arm:<28} AUC new items {fast_auc(y[is_new], probs[is_new]):.4f}, "
               f"other rows {fast_auc(y[~is_new], probs[~is_new]):.4f}  ({time.time() - t0:.0f} s)")
     table = {}
+    base = np.array(state.data["scores"]["collab"]["probs"])[is_new]
     for arm in arms:
         s = state.data["scores"][arm]
         p = np.array(s["probs"])
         table[arm] = {"auc_new": fast_auc(y[is_new], p[is_new]), "auc_new_ci95": bootstrap_ci(y[is_new], p[is_new]),
+                      "delta_new_vs_collab_ci95": paired_delta_ci(y[is_new], p[is_new], base),
                       "auc_other": fast_auc(y[~is_new], p[~is_new]), "auc_other_ci95": bootstrap_ci(y[~is_new], p[~is_new]),
                       "seconds": s["seconds"], "train_rows": s.get("train_rows"), "fusion": s.get("fusion")}
     out = {"protocol": {"weeks": args.weeks, "start": start, "holdout": args.holdout, "seed": args.seed, "new_items": len(new_items),
@@ -119,14 +121,23 @@ def run(args) -> dict:
     return out
 
 
+def paired_delta_ci(y: np.ndarray, a: np.ndarray, b: np.ndarray, reps: int = 500, seed: int = 0) -> tuple[float, float]:
+    """95% interval of AUC(a) - AUC(b) on the same resampled rows (paired bootstrap)."""
+    rng = np.random.default_rng(seed)
+    stats = [fast_auc(y[i], a[i]) - fast_auc(y[i], b[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(reps))]
+    return float(np.nanpercentile(stats, 2.5)), float(np.nanpercentile(stats, 97.5))
+
+
 def markdown(out: dict) -> str:
     p = out["protocol"]
-    lines = [f"| arm | AUC on new items' rows [95% CI] (n={p['rows_new']}) | AUC on the other rows (n={p['rows_other']}) | "
-             "fusion (lm, lm x unknown, unknown, bias) | wall s |", "|---|---|---|---|---|"]
+    lines = [f"| arm | AUC on new items' rows [95% CI] (n={p['rows_new']}) | minus collab's, paired [95% CI] | "
+             f"AUC on the other rows (n={p['rows_other']}) | fusion (lm, lm x unknown, unknown, bias) | wall s |",
+             "|---|---|---|---|---|---|"]
     for arm, m in out["arms"].items():
         fusion = " / ".join(f"{w:.2f}" for w in m["fusion"]) if m["fusion"] else ""
+        d = m["delta_new_vs_collab_ci95"]
         lines.append(f"| {arm} | {m['auc_new']:.4f} [{m['auc_new_ci95'][0]:.3f}, {m['auc_new_ci95'][1]:.3f}] | "
-                     f"{m['auc_other']:.4f} [{m['auc_other_ci95'][0]:.3f}, {m['auc_other_ci95'][1]:.3f}] | {fusion} | "
+                     f"[{d[0]:+.3f}, {d[1]:+.3f}] | {m['auc_other']:.4f} [{m['auc_other_ci95'][0]:.3f}, {m['auc_other_ci95'][1]:.3f}] | {fusion} | "
                      f"{m['seconds']:.0f} |")
     lines += ["", f"{p['new_items']} items of the last {p['weeks']} weeks held out as new (seed {p['seed']}); language-model arms "
               f"trained from the backbone on at most {p['lm_rows']} rows."]
