@@ -36,6 +36,7 @@ from llmrec_ray.model import model_source
 from llmrec_ray.train_worker import key_in, train_func
 
 METRICS_FILE = "train_metrics.json"  # beside the export on the driver
+FUSION_MAX_ROWS = 20_000  # validation rows the fusion weights are fitted on, at most
 
 
 @dataclass
@@ -107,15 +108,17 @@ def train_candidate(cfg: Config, store, targets: list[str], older: list[str], re
     train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
     result = run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store, collab_uri=stage.uri if stage else None,
                           extra_metrics=stage.report if stage else None)
-    if stage:
-        result.metrics.update(fit_round_fusion(result.export_dir, val_ds))
+    if stage:  # prior: the promoted version's fusion weights when it has the tables too, else the tables alone
+        result.metrics.update(fit_round_fusion(result.export_dir, val_ds, from_parent=stage.report["collab_warm_start"]))
         (result.export_dir.parent / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
     return result
 
 
-def fit_round_fusion(export_dir: Path, val_ds) -> dict:
+def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
     """Fit the exported hybrid's fusion weights on the round's validation rows (stacking: neither part trained on
-    them; llmrec_ray.model.fit_fusion) and rewrite its fusion.json. Returns the figures for the round's metrics."""
+    them; llmrec_ray.model.fit_fusion) and rewrite its fusion.json. from_parent: the export's weights are the
+    promoted version's (the workers keep them) and are the fit's prior; else the prior is the tables alone.
+    Returns the figures for the round's metrics."""
     import torch
 
     from llmrec_ray.ids import HIST_KEYS
@@ -125,8 +128,8 @@ def fit_round_fusion(export_dir: Path, val_ds) -> dict:
     started = time.time()
     model, _, _ = load_export(export_dir)
     cols = {k: [] for k in ("lm_logit", "cf", "cf_unknown", "unknown", "labels")}
-    with torch.no_grad():
-        for batch in val_ds.iter_torch_batches(batch_size=64):
+    with torch.no_grad():  # four weights need few rows; the cap bounds the driver's transformer passes
+        for batch in val_ds.limit(FUSION_MAX_ROWS).iter_torch_batches(batch_size=64):
             inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
             hist, rows = {k: inputs[k] for k in HIST_KEYS}, inputs["cand_rows"]
             cols["lm_logit"].append(model(**inputs, with_text=True)[1])
@@ -142,7 +145,8 @@ def fit_round_fusion(export_dir: Path, val_ds) -> dict:
         logit = c["cf"] + w[0] * c["lm_logit"] + w[1] * c["lm_logit"] * c["unknown"] + w[2] * c["unknown"] + w[3]
         return float(torch.nn.functional.binary_cross_entropy_with_logits(logit, c["labels"]))
 
-    start, weights = model.fusion_weights(), fit_fusion(**c)
+    start = model.fusion_weights()
+    weights = fit_fusion(**c, prior=start if from_parent else None)
     write_fusion(export_dir, weights)
     return {"fusion": " ".join(f"{w:.4f}" for w in weights), "fusion_rows": len(c["labels"]),
             "fusion_val_loss_start": val_loss(start), "fusion_val_loss": val_loss(weights),

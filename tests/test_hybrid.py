@@ -101,6 +101,20 @@ def test_fit_fusion_weighs_the_text_by_how_much_it_knows_beside_the_tables():
     assert bce(fused, labels) < bce(cf, labels) - 0.02  # better than the tables alone on these rows
 
 
+def test_fit_fusion_moves_from_the_prior_as_far_as_the_rows_carry_it():
+    g = torch.Generator().manual_seed(1)
+    prior = [0.5, 0.2, -0.3, 0.0]
+
+    def fit(n, strength):
+        lm_logit = torch.randn(n, generator=g)
+        labels = (torch.rand(n, generator=g) < torch.sigmoid(2 * lm_logit)).float()  # the data say w_lm ~ 2
+        return fit_fusion(lm_logit, torch.zeros(n), torch.zeros(n), torch.zeros(n), labels, prior=prior, strength=strength)
+
+    few, free, many = fit(60, 5.0), fit(60, 0.0), fit(20_000, 5.0)
+    assert abs(few[0] - prior[0]) < abs(free[0] - prior[0]) - 0.2, (few, free)  # 60 rows: held near the prior
+    assert abs(many[0] - 2.0) < 0.15, many  # 20,000 rows: the data decide
+
+
 def test_with_text_returns_the_text_parts_own_logit_beside_the_fused_one(cfg):
     lm, tokenizer = build_model(cfg.model)
     model = HybridScorer(lm, CollabNet(2, 4), ItemVocab(["a", "b"]), [0.5, 0.0, 0.0, 1.0]).eval()

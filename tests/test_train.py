@@ -71,7 +71,7 @@ def rounds(ray_session, tmp_path_factory):
     scratch_before = set(Path(tempfile.gettempdir()).glob("llmrec-train-r*"))
     first = run_training(cfg1, train, val, None, "round1", store, collab_uri=collab_uri)
     scratch_left = set(Path(tempfile.gettempdir()).glob("llmrec-train-r*")) - scratch_before
-    fusion = fit_round_fusion(first.export_dir, val)  # what train_candidate does after the workers
+    fusion = fit_round_fusion(first.export_dir, val, from_parent=False)  # what train_candidate does after the workers
     store.upload_dir(first.export_dir, "registry/versions/v0001/model")
     # Round 2: ZeRO 2 from round 1's export; the last worker dies at step 5 and is replaced. It died at step 3
     # before: once in a clean-clone run the replacement then started without any checkpoint, most likely because
