@@ -25,15 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from llmrec_ray import ingest
 from llmrec_ray.collab import COLLAB_FILES, fit_collab, load_collab, save_collab, warm_start
-from llmrec_ray.ids import ItemVocab, history_arrays
+from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import Config
-from llmrec_ray.model import model_source
-from llmrec_ray.train_worker import key_in, train_func
+from llmrec_ray.model import fit_fusion, load_export, model_source, write_fusion
+from llmrec_ray.train_worker import MODEL_INPUT_KEYS, key_in, train_func
 
 METRICS_FILE = "train_metrics.json"  # beside the export on the driver
 FUSION_MAX_ROWS = 20_000  # validation rows the fusion weights are fitted on, at most
@@ -119,12 +121,6 @@ def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
     them; llmrec_ray.model.fit_fusion) and rewrite its fusion.json. from_parent: the export's weights are the
     promoted version's (the workers keep them) and are the fit's prior; else the prior is the tables alone.
     Returns the figures for the round's metrics."""
-    import torch
-
-    from llmrec_ray.ids import HIST_KEYS
-    from llmrec_ray.model import fit_fusion, load_export, write_fusion
-    from llmrec_ray.train_worker import MODEL_INPUT_KEYS
-
     started = time.time()
     model, _, _ = load_export(export_dir)
     cols = {k: [] for k in ("lm_logit", "cf", "cf_unknown", "unknown", "labels")}
