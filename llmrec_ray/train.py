@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
