@@ -1,7 +1,7 @@
 """Probe: how strong can a classical model get on the quality protocol? (issue 11; a finding, not an arm)
 
     .venv/bin/python benchmarks/gbdt_probe.py [--label-weeks 20] [--linear | --mlp] [--leaky] [--topk 50]
-                                              [--collab] [--drop knn,gen] [--work out/quality]
+                                              [--collab] [--text-sims] [--drop knn,gen] [--work out/quality]
 
 Same data, split and scoring as benchmarks/quality_ml100k.py: for each of the 4 test weeks, a model frozen at the
 week's start scores every row of it, a row's history = every earlier event of its user. The model: gradient-boosted
@@ -13,8 +13,10 @@ genre similarity, each as a weighted mean-centred rating and max / mean similari
 
 --mlp: a small MLP instead (epochs chosen on the newest tenth). --topk K: each item keeps only its K most similar
 items with positive similarity (the product's neighbour lists). --collab: adds the linear logit and features of the
-product's collaborative part (tables fitted on the same snapshot rows). This probe led to the collaborative part's
-tree head (llmrec_ray/collab.py), which is the same idea inside the product.
+product's collaborative part (tables fitted on the same snapshot rows). --text-sims: adds the history against the
+candidate by the cosine of their texts' vectors from the frozen MiniLM (mean-pooled; prefix txt_), the genre
+similarity's domain-free counterpart. This probe led to the collaborative part's tree head (llmrec_ray/collab.py),
+which is the same idea inside the product.
 
 Training rows are the events of the --label-weeks weeks before the test week; the item statistics and similarities
 they read come from a snapshot of the events BEFORE those weeks (--leaky: from every event before the test week,
@@ -52,7 +54,29 @@ class Features:
             self.year[self.items[item]] = float(year.group(1)) if year else np.nan
         g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-6)
         self.genre_sims = g @ g.T
+        self.text_sims = None  # set by use_text_sims
         self.topk = 0
+        self.texts = texts
+
+    def use_text_sims(self, batch_size: int = 128) -> None:
+        """Item-item cosine similarities of the item texts' mean-pooled vectors from the frozen MiniLM."""
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from llmrec_ray.model import minilm_dir
+
+        tokenizer, encoder = AutoTokenizer.from_pretrained(minilm_dir()), AutoModel.from_pretrained(minilm_dir()).eval()
+        vectors = np.zeros((len(self.items) + 1, encoder.config.hidden_size), np.float32)  # row 0 (unknown): zeros
+        items = list(self.texts.index)
+        with torch.no_grad():
+            for i in range(0, len(items), batch_size):
+                batch = items[i:i + batch_size]
+                enc = tokenizer([self.texts[k] for k in batch], padding=True, truncation=True, max_length=64,
+                                return_tensors="pt")
+                mask = enc["attention_mask"].unsqueeze(-1).float()
+                mean = (encoder(**enc).last_hidden_state * mask).sum(1) / mask.sum(1)
+                vectors[[self.items[k] for k in batch]] = torch.nn.functional.normalize(mean, dim=-1).numpy()
+        self.text_sims = vectors @ vectors.T
 
     def snapshot(self, ev: pd.DataFrame) -> dict:
         """Item statistics and item-item similarities of the events `ev` (what a model frozen after them knows)."""
@@ -108,7 +132,10 @@ class Features:
                    icnt=np.log1p(snap["cnt"][c]), irate=snap["rate"][c], imean=snap["mean"][c], istd=snap["std"][c],
                    iage=(rows["timestamp"].to_numpy() - snap["first"][c]) / DAY, year=self.year[c],
                    irrate=snap["rrate"][c], ircnt=np.log1p(snap["rcnt"][c]), pred=snap["mean"][c] + dev)
-        for name, sims in (("knn", snap["sims"]), ("gen", self.genre_sims)):
+        families = [("knn", snap["sims"]), ("gen", self.genre_sims)]
+        if self.text_sims is not None:
+            families.append(("txt", self.text_sims))
+        for name, sims in families:
             s = sims[c[:, None], hi] * present
             out[name] = (s * centred).sum(1) / (np.abs(s).sum(1) + 1e-3)
             out[name + "_max_liked"] = np.where(liked > 0, s, -1).max(1)
@@ -218,12 +245,15 @@ def main() -> None:
     p.add_argument("--leaky", action="store_true")
     p.add_argument("--topk", type=int, default=0, help="item-item similarities: keep each item's top k positive only")
     p.add_argument("--collab", action="store_true", help="add the collaborative part's logit and features (cf*)")
+    p.add_argument("--text-sims", action="store_true", help="add the MiniLM text similarities (txt*)")
     p.add_argument("--drop", default="", help="comma-separated feature names or prefixes (knn, gen) to leave out")
     p.add_argument("--work", default="out/quality")
     args = p.parse_args()
     cfg, keys, events, examples = load_protocol(args.work)
     feats = Features(events, examples)
     feats.topk = args.topk
+    if args.text_sims:
+        feats.use_text_sims()
     drop = [d for d in args.drop.split(",") if d]
     weeks, ys, ps = week_bounds(keys, 4), [], []
     for w, (_, start) in enumerate(weeks):

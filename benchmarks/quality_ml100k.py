@@ -109,6 +109,7 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
     from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity
     from llmrec_ray.collab import fit_collab, predict_logits, warm_start
     from llmrec_ray.ids import history_arrays
+    from llmrec_ray.model import fill_text_vectors, text_vector_dim
 
     if arm == "popularity":
         m = Popularity().fit(train_events)
@@ -121,7 +122,8 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
         return (lambda f: m.predict_frame(f, log)), None
     if arm == "collab":
         c = cfg.model.collab
-        net, vocab = warm_start(previous, train_examples["item_id"], c.dim, c.neighbours)
+        net, vocab = warm_start(previous, train_examples["item_id"], c.dim, c.neighbours, text_vector_dim(cfg.model))
+        fill_text_vectors(net, vocab, train_examples, cfg.model)
 
         def hist(f):
             return history_arrays(vocab, f["history_ids"].tolist(), f["history_ratings"].tolist(),

@@ -18,8 +18,10 @@ history are scored like everyone else.
     (benchmarks/quality_ml100k.py, README "Quality").
 
     The tree head (the default; `fit_collab(head_fraction=...)`): gradient-boosted trees over HEAD_FEATURES --
-    statistics of the history, of the candidate (count, like rate, mean rating and its spread) and the neighbour
-    features -- score instead of the linear sum. They learn from the newest rows with statistics of the older
+    statistics of the history, of the candidate (count, like rate, mean rating and its spread), the neighbour
+    features and the text features (the same four with s(c, j) = the cosine of the two items' text vectors: the
+    frozen backbone's sentence embeddings of their texts, a buffer filled by model.fill_text_vectors; content
+    similarity needs no co-ratings) -- score instead of the linear sum. They learn from the newest rows with statistics of the older
     rows only (`fit_tree_head`), and are evaluated in torch (`TreeHead`), saved in the same safetensors file as
     the tables. The linear sum stays what retrieval factorises (llmrec_ray/retrieval.py) and what scores when a
     round had too few rows for trees.
@@ -58,7 +60,9 @@ NUM_FEATURES = NUM_HISTORY_FEATURES + NUM_NEIGHBOUR_FEATURES + 1  # + the candid
 SHRINK = 25.0  # co-count shrinkage of the item-item similarities
 HEAD_FEATURES = ("log_n", "like_rate", "mean_rating", "rating_std", "last5_dev", "last_rating", "rating_dev",
                  "item_logcount", "item_like_rate", "item_mean", "item_std", "expected_rating",
-                 "neighbour_score", "max_sim_liked", "max_sim_disliked", "mean_sim")  # the tree head's inputs
+                 "neighbour_score", "max_sim_liked", "max_sim_disliked", "mean_sim",
+                 "text_score", "text_max_liked", "text_max_disliked", "text_mean")  # the tree head's inputs
+NUM_TEXT_FEATURES = 4  # the last HEAD_FEATURES: the history against the candidate by their texts' vectors
 ITEM_PRIOR = 10.0  # pseudo-count pulling an item's like rate and mean rating towards the global ones
 VOCAB_FILE = "collab_vocab.json"
 WEIGHTS_FILE = "collab.safetensors"
@@ -68,10 +72,10 @@ COLLAB_FILES = (WEIGHTS_FILE, VOCAB_FILE)
 class CollabNet(nn.Module):
     """Item tables + a user side computed from the history tensors. forward -> (B,) logits."""
 
-    def __init__(self, num_items: int, dim: int = 32, seed: int = 0, neighbours: int = 0):
+    def __init__(self, num_items: int, dim: int = 32, seed: int = 0, neighbours: int = 0, text_dim: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)  # the same tables from the same data, run after run
-        self.num_items, self.dim, self.neighbours = num_items, dim, neighbours
+        self.num_items, self.dim, self.neighbours, self.text_dim = num_items, dim, neighbours, text_dim
         self.mu = nn.Parameter(torch.zeros(1))
         self.item_bias = nn.Embedding(num_items + 1, 1, padding_idx=UNKNOWN)
         self.cand = nn.Embedding(num_items + 1, dim, padding_idx=UNKNOWN)
@@ -87,6 +91,8 @@ class CollabNet(nn.Module):
         self.register_buffer("item_mean", torch.zeros(num_items + 1))  # smoothed mean rating (seen in histories)
         self.register_buffer("item_std", torch.zeros(num_items + 1))  # spread of those ratings
         self.register_buffer("global_rating", torch.zeros(1))  # mean rating of the statistics' rows
+        # unit vectors of the items' texts from the frozen text backbone (model.fill_text_vectors); zero rows: none
+        self.register_buffer("item_text", torch.zeros(num_items + 1, text_dim))
         self.head: Optional[TreeHead] = None  # not a buffer: dtype casts (bf16 engines) must not touch thresholds
         for table in (self.cand, self.hist_liked, self.hist_disliked):
             nn.init.normal_(table.weight, std=0.01, generator=g)
@@ -119,21 +125,23 @@ class CollabNet(nn.Module):
         known = hist_present * (hist_rows != UNKNOWN).float()
         match = self.nbr_rows[cand_rows].unsqueeze(1) == hist_rows.unsqueeze(-1)  # (B, H, K)
         s = (match * self.nbr_sims[cand_rows].unsqueeze(1)).sum(-1) * known  # (B, H) s(cand, j)
-        n = hist_present.sum(-1, keepdim=True)
-        like_rate = (hist_liked * hist_present).sum(-1, keepdim=True) / n.clamp(min=1.0)
-        mean_rating = (hist_rating * hist_rated).sum(-1, keepdim=True) / hist_rated.sum(-1, keepdim=True).clamp(min=1.0)
-        centred = torch.where(hist_rated > 0, hist_rating - mean_rating, hist_liked - like_rate)
-        score = (s * centred).sum(-1) / (s.abs().sum(-1) + 1e-3)
-        liked = hist_liked * known
-        max_liked = (s * liked).max(-1).values.clamp(min=0.0)
-        max_disliked = (s * (1 - hist_liked) * known).max(-1).values.clamp(min=0.0)
-        return torch.stack([score, max_liked, max_disliked, s.sum(-1) / n.squeeze(-1).clamp(min=1.0)], dim=-1)
+        return _similarity_features(s, known, hist_present, hist_liked, hist_rating, hist_rated)
+
+    def text_features(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
+        """(B, NUM_TEXT_FEATURES): the same four features with s(cand, j) = the cosine of the two items' text
+        vectors -- content similarity, where the neighbour lists need co-ratings. Zero without vectors."""
+        if self.text_dim == 0:
+            return torch.zeros(len(cand_rows), NUM_TEXT_FEATURES, dtype=hist_rating.dtype, device=hist_rating.device)
+        cand = self.item_text[cand_rows]
+        known = hist_present * (hist_rows != UNKNOWN).float() * (cand.abs().sum(-1, keepdim=True) > 0)
+        s = torch.einsum("bhd,bd->bh", self.item_text[hist_rows], cand).to(hist_rating.dtype) * known
+        return _similarity_features(s, known, hist_present, hist_liked, hist_rating, hist_rated)
 
     def forward(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
         """The tree head's logit when there is one (fit_collab's default), else the linear one."""
         if self.head is not None:
             x = self.head_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
-            return self.head(x).to(x.dtype)
+            return self.head(x[:, : self.head.num_features]).to(x.dtype)  # a head from before the text features
         return self.linear_logit(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
 
     def linear_logit(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
@@ -160,9 +168,10 @@ class CollabNet(nn.Module):
         rating_dev = ((hist_rating - self.item_mean[hist_rows]) * known).sum(-1) / (known.sum(-1) + 1.0)
         item_mean = self.item_mean[cand_rows]
         g = self.neighbour_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+        t = self.text_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
         x = torch.stack([torch.log1p(n), like_rate, mean, std, last5, last, rating_dev, self.item_logcount[cand_rows],
                          self.item_like_rate[cand_rows], item_mean, self.item_std[cand_rows], item_mean + rating_dev], -1)
-        return torch.cat([x, g], -1).float()
+        return torch.cat([x, g, t], -1).float()
 
     def set_item_statistics(self, cand_rows: torch.Tensor, hist_rows: torch.Tensor, hist_rating: torch.Tensor,
                             hist_rated: torch.Tensor, smoothing: float = 5.0, users: Optional[np.ndarray] = None,
@@ -204,19 +213,31 @@ class CollabNet(nn.Module):
         for buffer in (self.item_rating, self.item_logcount, self.item_mean, self.item_std, self.item_like_rate):
             buffer[UNKNOWN] = 0.0
 
-    def grown(self, num_items: int, neighbours: Optional[int] = None) -> "CollabNet":
+    def rows_without_text(self) -> np.ndarray:
+        """Known rows (>= 1) that have no text vector yet (new ids since the last fill); none without text_dim."""
+        if self.text_dim == 0:
+            return np.zeros(0, np.int64)
+        return (torch.nonzero(self.item_text[1:].abs().sum(-1) == 0).squeeze(-1) + 1).numpy()
+
+    def set_text_vectors(self, rows: np.ndarray, vectors: torch.Tensor) -> None:
+        """Stores the unit vectors (len(rows), text_dim) of those rows' texts."""
+        with torch.no_grad():
+            self.item_text[torch.as_tensor(rows, dtype=torch.long)] = vectors.to(self.item_text.dtype)
+
+    def grown(self, num_items: int, neighbours: Optional[int] = None, text_dim: Optional[int] = None) -> "CollabNet":
         """A copy with tables for `num_items` ids: old rows kept, new rows zero (they learn from their first events).
-        `neighbours`: the new list length (the lists are recomputed by every fit; None keeps this one's)."""
+        `neighbours`: the new list length (the lists are recomputed by every fit; None keeps this one's); `text_dim`:
+        the text vectors' size (None keeps this one's; another size starts every row without a vector)."""
         assert num_items >= self.num_items, (num_items, self.num_items)
         neighbours = self.neighbours if neighbours is None else neighbours
-        out = CollabNet(num_items, self.dim, neighbours=neighbours)
+        out = CollabNet(num_items, self.dim, neighbours=neighbours, text_dim=self.text_dim if text_dim is None else text_dim)
         state = self.state_dict()
         with torch.no_grad():
             for name, tensor in out.state_dict().items():
                 old = state[name]
-                if name.startswith("nbr_"):
+                if name.startswith("nbr_") or name == "item_text":
                     tensor.zero_()
-                    if neighbours == self.neighbours:
+                    if tensor.shape[1:] == old.shape[1:]:
                         tensor[: old.shape[0]].copy_(old)
                 elif tensor.shape == old.shape:
                     tensor.copy_(old)
@@ -368,6 +389,20 @@ def _masked_mean(x, mask):
     return (x * mask.unsqueeze(-1)).sum(1) / mask.sum(-1, keepdim=True).clamp(min=1.0)
 
 
+def _similarity_features(s, known, hist_present, hist_liked, hist_rating, hist_rated):
+    """(B, 4) from s (B, H), the candidate's similarity to each history item (0 where unknown): the weighted mean of
+    the history's centred ratings (centred_j = rating_j - the history's mean rating, or label_j - like rate for an
+    unrated event), the largest similarity to a liked item and to a not-liked one, and the mean similarity."""
+    n = hist_present.sum(-1, keepdim=True)
+    like_rate = (hist_liked * hist_present).sum(-1, keepdim=True) / n.clamp(min=1.0)
+    mean_rating = (hist_rating * hist_rated).sum(-1, keepdim=True) / hist_rated.sum(-1, keepdim=True).clamp(min=1.0)
+    centred = torch.where(hist_rated > 0, hist_rating - mean_rating, hist_liked - like_rate)
+    score = (s * centred).sum(-1) / (s.abs().sum(-1) + 1e-3)
+    max_liked = (s * hist_liked * known).max(-1).values.clamp(min=0.0)
+    max_disliked = (s * (1 - hist_liked) * known).max(-1).values.clamp(min=0.0)
+    return torch.stack([score, max_liked, max_disliked, s.sum(-1) / n.squeeze(-1).clamp(min=1.0)], dim=-1)
+
+
 def batch_tensors(cand_rows: np.ndarray, hist: HistoryArrays) -> dict[str, torch.Tensor]:
     out = {"cand_rows": torch.from_numpy(np.asarray(cand_rows, np.int64))}
     out.update({k: torch.from_numpy(v) for k, v in hist.as_dict().items()})
@@ -437,8 +472,9 @@ def head_examples(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optiona
     with torch.no_grad():
         snap.set_item_statistics(tensors["cand_rows"][:k], tensors["hist_rows"][:k], tensors["hist_rating"][:k],
                                  tensors["hist_rated"][:k], users=None if users is None else users[:k], labels=y[:k])
-        return torch.cat([snap.head_features(**{key: v[i:i + 8192] for key, v in tensors.items()})
-                          for i in range(k, len(y), 8192)]).numpy()
+        chunk = 2048  # each chunk gathers chunk x history x text_dim floats (~160 MB for MiniLM, 50 history items)
+        return torch.cat([snap.head_features(**{key: v[i:i + chunk] for key, v in tensors.items()})
+                          for i in range(k, len(y), chunk)]).numpy()
 
 
 def fit_tree_head(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optional[np.ndarray], fraction: float,
@@ -486,7 +522,7 @@ def _epochs(net: CollabNet, tensors: dict, y: torch.Tensor, epochs: int, batch_s
         yield total / max(n, 1)
 
 
-def predict_logits(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, batch_size: int = 4096) -> np.ndarray:
+def predict_logits(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, batch_size: int = 2048) -> np.ndarray:
     net.eval()
     tensors = batch_tensors(cand_rows, hist)
     out = []
@@ -504,7 +540,7 @@ def save_collab(net: CollabNet, vocab: ItemVocab, out_dir: str | Path) -> None:
     if net.head is not None:
         tensors.update(net.head.tensors())
     save_file(tensors, str(out_dir / WEIGHTS_FILE))
-    (out_dir / VOCAB_FILE).write_text(json.dumps({"dim": net.dim, "neighbours": net.neighbours,
+    (out_dir / VOCAB_FILE).write_text(json.dumps({"dim": net.dim, "neighbours": net.neighbours, "text_dim": net.text_dim,
                                                   "head_features": list(HEAD_FEATURES) if net.head else [],
                                                   "item_ids": vocab.ids}))
 
@@ -518,15 +554,17 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
     try:
         meta = json.loads((model_dir / VOCAB_FILE).read_text())
         vocab = ItemVocab(meta["item_ids"])
-        net = CollabNet(len(vocab), int(meta["dim"]), neighbours=int(meta.get("neighbours", 0)))
+        net = CollabNet(len(vocab), int(meta["dim"]), neighbours=int(meta.get("neighbours", 0)),
+                        text_dim=int(meta.get("text_dim", 0)))
         tensors = load_file(str(model_dir / WEIGHTS_FILE))
         head = {k: tensors.pop(k) for k in list(tensors) if k.startswith("head.")}
         net.load_state_dict(_upgraded(tensors, net))
         if meta.get("head_features"):
-            if list(meta["head_features"]) != list(HEAD_FEATURES):
-                raise ValueError(f"its tree head reads features {meta['head_features']}, this code computes "
+            names = list(meta["head_features"])
+            if names != list(HEAD_FEATURES[: len(names)]):  # a head from before the text features reads a prefix
+                raise ValueError(f"its tree head reads features {names}, this code computes "
                                  f"{list(HEAD_FEATURES)}; refit the tables (a new round) with this version")
-            net.head = TreeHead.from_tensors(head, len(HEAD_FEATURES))
+            net.head = TreeHead.from_tensors(head, len(names))
     except Exception as exc:  # truncated file, wrong shapes, bad JSON: one clear error
         raise ValueError(f"collaborative tables in {model_dir} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if len(vocab) != len(set(vocab.ids)):
@@ -537,8 +575,8 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
 def _upgraded(state: dict, net: CollabNet) -> dict:
     """Tables saved before the neighbour terms (7 feature weights, no neighbour lists) load with those terms
     weighted zero: the same scores as before. Tables saved before the tree head lack its item statistics (unused
-    without a head)."""
-    for name in ("item_like_rate", "item_mean", "item_std", "global_rating"):
+    without a head), tables saved before the text features their vectors (text_dim 0)."""
+    for name in ("item_like_rate", "item_mean", "item_std", "global_rating", "item_text"):
         state.setdefault(name, getattr(net, name))
     w = state.get("user_features.weight")
     if w is not None and w.shape[1] == NUM_FEATURES - NUM_NEIGHBOUR_FEATURES:
@@ -550,12 +588,13 @@ def _upgraded(state: dict, net: CollabNet) -> dict:
 
 
 def warm_start(previous: Optional[tuple[CollabNet, ItemVocab]], item_ids: Iterable[str], dim: int,
-               neighbours: int = 0) -> tuple[CollabNet, ItemVocab]:
-    """The tables a round starts from: the promoted version's, grown by the ids it has not seen; or fresh ones."""
+               neighbours: int = 0, text_dim: int = 0) -> tuple[CollabNet, ItemVocab]:
+    """The tables a round starts from: the promoted version's, grown by the ids it has not seen; or fresh ones.
+    Text vectors stay with their rows; new rows have none until model.fill_text_vectors."""
     if previous is None:
         vocab = ItemVocab(sorted(set(map(str, item_ids))))
-        return CollabNet(len(vocab), dim, neighbours=neighbours), vocab
+        return CollabNet(len(vocab), dim, neighbours=neighbours, text_dim=text_dim), vocab
     net, vocab = previous
     grown = vocab.grow(sorted(set(map(str, item_ids)) - set(vocab.index)))
-    return net.grown(len(grown), neighbours), grown
+    return net.grown(len(grown), neighbours, text_dim), grown
 

@@ -116,6 +116,9 @@ class CollabConfig(_Section):
     head_trees: int = Field(400, ge=1)
     head_leaves: int = Field(15, ge=2)
     head_min_rows: int = Field(1000, ge=1)  # fewer examples than this: no head this round (the linear sum scores)
+    # the head also reads the history against the candidate by the cosine of their texts' vectors (the frozen
+    # backbone's sentence embeddings, stored with the tables: items x hidden floats, 1.5 KB per item for MiniLM)
+    text_sims: bool = True
 
     def fit_kwargs(self) -> dict:
         """The keyword arguments of collab.fit_collab this section sets."""

@@ -2,7 +2,8 @@
 
     text part    a Hugging Face cross-encoder (`AutoModelForSequenceClassification`, num_labels=1) that
                  reads (candidate text, history text): new items are scored from their text alone
-    collab part  item tables + a user side read from the history's item ids and ratings (llmrec_ray/collab.py)
+    collab part  item tables + a user side read from the history's item ids and ratings (llmrec_ray/collab.py);
+                 its tree head also compares the items' texts, through sentence vectors of the frozen backbone
     logit = collab_logit + w1 * lm_logit + w2 * lm_logit * unknown + w3 * unknown + b   (unknown: 1 when the
             tables never saw the candidate; the fusion weights learn how much the text must carry then)
 
@@ -191,6 +192,49 @@ def build_model(cfg: ModelConfig):
     return model, tokenizer
 
 
+def text_vector_dim(cfg: ModelConfig) -> int:
+    """The size of the collaborative part's item text vectors: the pretrained backbone's hidden size (0: off)."""
+    if not cfg.collab.text_sims or cfg.kind != "hybrid":
+        return 0
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_source(cfg), local_files_only=True).hidden_size)
+
+
+def encode_item_texts(cfg: ModelConfig, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """(len(texts), hidden) unit vectors: the mean of the last hidden states of the frozen pretrained backbone
+    (MiniLM's sentence embedding; never the fine-tuned text part, so an item's vector means the same every round)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    source = model_source(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    encoder = AutoModel.from_pretrained(source, local_files_only=True).eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True, max_length=cfg.max_seq_len,
+                            return_tensors="pt")
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            mean = (encoder(**enc).last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            out.append(torch.nn.functional.normalize(mean, dim=-1))
+    return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
+
+
+def fill_text_vectors(net: CollabNet, vocab: ItemVocab, frame, cfg: ModelConfig) -> int:
+    """Gives the rows without a text vector (new ids) the vector of their candidate text in `frame` (an examples
+    frame: item_id, candidate_text); returns how many it encoded. Known rows keep theirs: a round encodes only the
+    items it has not seen (all of them in a first round: ~10 s for MovieLens' 1,682 on 2 CPU cores)."""
+    rows = net.rows_without_text()
+    if not len(rows):
+        return 0
+    texts = frame.drop_duplicates("item_id", keep="last").set_index("item_id")["candidate_text"]
+    ids = [vocab.ids[r - 1] for r in rows]
+    have = [(r, texts[i]) for r, i in zip(rows, ids) if i in texts.index]
+    if have:
+        net.set_text_vectors(np.array([r for r, _ in have]), encode_item_texts(cfg, [t for _, t in have]))
+    return len(have)
+
+
 def apply_lora(model, cfg: ModelConfig):
     """Wrap with peft LoRA adapters; the classifier head stays fully trainable."""
     if not cfg.lora.enabled:
@@ -220,7 +264,8 @@ def save_export(model, tokenizer, cfg: Config, out_dir: str | Path, state_dict: 
         scorer.lm.save_pretrained(out_dir, state_dict=lm_state, safe_serialization=True)
         if scorer.is_hybrid:  # copy the consolidated collab/fusion weights into a CPU twin before saving
             c = scorer.collab
-            twin = HybridScorer(scorer.lm, CollabNet(c.num_items, c.dim, neighbours=c.neighbours), scorer.vocab)
+            twin = HybridScorer(scorer.lm, CollabNet(c.num_items, c.dim, neighbours=c.neighbours, text_dim=c.text_dim),
+                                scorer.vocab)
             twin.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("lm.")}, strict=False)
             twin.collab.head = c.head  # not in the state dict (collab.CollabNet.head)
             scorer = twin

@@ -33,7 +33,8 @@ from llmrec_ray import ingest
 from llmrec_ray.collab import COLLAB_FILES, fit_collab, load_collab, save_collab, warm_start
 from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import Config
-from llmrec_ray.model import fit_fusion, load_export, model_source, write_fusion
+from llmrec_ray.model import (fill_text_vectors, fit_fusion, load_export, model_source, text_vector_dim,
+                              write_fusion)
 from llmrec_ray.train_worker import MODEL_INPUT_KEYS, key_in, train_func
 
 METRICS_FILE = "train_metrics.json"  # beside the export on the driver
@@ -76,7 +77,9 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
             if all((local / name).exists() for name in COLLAB_FILES):  # else a text-only parent: the tables start fresh
                 previous = load_collab(local)
     frame = ingest.examples_frame(cfg, store, history_keys, catalog_version=catalog_version)
-    net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim, cfg.model.collab.neighbours)
+    net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim, cfg.model.collab.neighbours,
+                            text_vector_dim(cfg.model))
+    encoded = fill_text_vectors(net, vocab, frame, cfg.model)
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     c = cfg.model.collab
@@ -89,7 +92,7 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
     shutil.rmtree(out, ignore_errors=True)
     report = {"collab_rows": fit.num_rows, "collab_items": len(vocab), "collab_new_items": len(vocab) - (len(previous[1]) if previous else 0),
               "collab_fit_seconds": fit.seconds, "collab_seconds": time.time() - started, "collab_loss": fit.final_loss,
-              "collab_epochs": fit.epochs, "collab_head_rows": fit.head_rows,
+              "collab_epochs": fit.epochs, "collab_head_rows": fit.head_rows, "collab_texts_encoded": encoded,
               "collab_warm_start": previous is not None}
     return CollabStage(store.key_uri(key), vocab, report)
 

@@ -436,3 +436,89 @@ def test_the_tree_head_survives_the_consolidated_state_dict_export(cfg, tmp_path
     loaded, tok2, cfg2 = load_export(tmp_path / "m")
     assert loaded.collab.head is not None
     np.testing.assert_allclose(score_frame(loaded, tok2, cfg2, frame), before, atol=1e-6)
+
+
+def _text_net():
+    net = CollabNet(4, 4, text_dim=2)  # rows 1..4: a, b, c, d; d has no text vector
+    net.set_text_vectors(np.array([1, 2, 3]), torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]))
+    return net, ItemVocab(["a", "b", "c", "d"])
+
+
+def test_text_terms_read_the_history_against_the_candidate_by_their_texts():
+    from llmrec_ray.collab import HEAD_FEATURES, NUM_TEXT_FEATURES
+
+    net, vocab = _text_net()
+    # history (newest first): b rated 5 (liked), c rated 1, an unknown item rated 3; centred on the (r - 4) / 2 scale
+    # (mean 3): b +1.0, c -1.0. Candidate a: s(a, b) = 0.6, s(a, c) = 0.
+    hist = history_arrays(vocab, [["b", "c", "zz"]] * 4 + [[]], [[5.0, 1.0, 3.0]] * 4 + [[]], [[]] * 5, 4, 4.0)
+    t = {k: torch.from_numpy(v) for k, v in hist.as_dict().items()}
+    cands = torch.tensor([1, 2, 4, 0, 1])  # a, b, d (no vector), unknown, a with no history
+    f = net.text_features(cands, **t)
+    torch.testing.assert_close(f[0], torch.tensor([0.6 / 0.601, 0.6, 0.0, 0.6 / 3]))
+    # b against itself (1.0, liked) and c (0.8, not liked): (1 - 0.8) / 1.8
+    torch.testing.assert_close(f[1], torch.tensor([0.2 / 1.801, 1.0, 0.8, 1.8 / 3]))
+    assert (f[2:] == 0).all()  # no vector, unknown candidate, no history: no text evidence
+    x = net.head_features(cands, **t)
+    assert x.shape[1] == len(HEAD_FEATURES)
+    torch.testing.assert_close(x[:, -NUM_TEXT_FEATURES:], f)
+    assert (CollabNet(4, 4).text_features(cands, **t) == 0).all()  # text_dim 0: the terms are off
+
+
+def test_text_vectors_come_from_the_frozen_backbone_once_per_item_and_travel_with_the_tables(cfg, tmp_path):
+    from llmrec_ray.collab import save_collab
+    from llmrec_ray.model import fill_text_vectors, text_vector_dim
+
+    frame = pd.DataFrame({"item_id": ["toy", "heat", "toy"],
+                          "candidate_text": ["Toy Story (1995) | Animation, Children's", "Heat (1995) | Action, Crime",
+                                             "Toy Story (1995) | Animation, Children's"]})
+    dim = text_vector_dim(cfg.model)
+    assert dim == 384  # MiniLM's hidden size: the frozen pretrained encoder, also behind the tiny test backbone
+    net, vocab = warm_start(None, frame["item_id"], 4, text_dim=dim)
+    assert net.rows_without_text().tolist() == [1, 2] and fill_text_vectors(net, vocab, frame, cfg.model) == 2
+    torch.testing.assert_close(net.item_text[1:].norm(dim=-1), torch.ones(2))
+    assert net.rows_without_text().tolist() == [] and fill_text_vectors(net, vocab, frame, cfg.model) == 0
+    more = pd.DataFrame({"item_id": ["toy2"], "candidate_text": ["Toy Story 2 (1999) | Animation, Children's"]})
+    grown, vocab2 = warm_start((net, vocab), more["item_id"], 4, text_dim=dim)
+    torch.testing.assert_close(grown.item_text[:3], net.item_text)  # known items keep theirs
+    assert grown.rows_without_text().tolist() == [3] and fill_text_vectors(grown, vocab2, more, cfg.model) == 1
+    toy, heat, toy2 = (grown.item_text[vocab2.index[i]] for i in ("toy", "heat", "toy2"))
+    assert float(toy @ toy2) > float(toy @ heat) + 0.1  # the sequel reads closer than the thriller
+    save_collab(grown, vocab2, tmp_path)
+    loaded, _ = load_collab(tmp_path)
+    assert loaded.text_dim == dim
+    torch.testing.assert_close(loaded.item_text, grown.item_text)
+    off = load_config(None, ["model.backbone=tiny", "model.collab.text_sims=false"])
+    assert text_vector_dim(off.model) == 0
+
+
+def test_a_tree_head_from_before_the_text_terms_loads_and_scores_as_before(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmrec_ray.collab import HEAD_FEATURES, NUM_TEXT_FEATURES, TreeHead, save_collab
+
+    old_features = len(HEAD_FEATURES) - NUM_TEXT_FEATURES
+    net, vocab = _text_net()
+    # one tree on item_like_rate: what a head fitted before the text terms could read
+    net.head = TreeHead(torch.tensor([[HEAD_FEATURES.index("item_like_rate"), 0, 0]]), torch.tensor([[0.5, 0.0, 0.0]]),
+                        torch.tensor([[1, 1, 2]]), torch.tensor([[2, 1, 2]]),
+                        torch.tensor([[0.0, -1.0, 1.0]], dtype=torch.float64), old_features)
+    with torch.no_grad():
+        net.item_like_rate[1:] = torch.tensor([0.2, 0.9, 0.4, 0.7])
+    hist = history_arrays(vocab, [["b"]] * 4, [[5.0]] * 4, [[]] * 4, 4, 4.0)
+    before = predict_logits(net, vocab.rows(["a", "b", "c", "d"]), hist)
+    assert before.tolist() == [-1.0, 1.0, -1.0, 1.0]
+    net.text_dim = 0
+    save_collab(net, vocab, tmp_path)  # rewrite it as the earlier format: no text vectors, 16 head features
+    state = {k: v for k, v in load_file(str(tmp_path / "collab.safetensors")).items() if k != "item_text"}
+    save_file(state, str(tmp_path / "collab.safetensors"))
+    meta = json.loads((tmp_path / "collab_vocab.json").read_text())
+    del meta["text_dim"]
+    meta["head_features"] = list(HEAD_FEATURES[:old_features])
+    (tmp_path / "collab_vocab.json").write_text(json.dumps(meta))
+    old, vocab2 = load_collab(tmp_path)
+    assert old.text_dim == 0 and old.head.num_features == old_features
+    np.testing.assert_allclose(predict_logits(old, vocab2.rows(["a", "b", "c", "d"]), hist), before)
+    meta["head_features"] = list(reversed(HEAD_FEATURES[:old_features]))  # not what this code computes: refused
+    (tmp_path / "collab_vocab.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="refit the tables"):
+        load_collab(tmp_path)

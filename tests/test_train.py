@@ -68,9 +68,12 @@ def rounds(ray_session, tmp_path_factory):
     store = Store.from_config(cfg1.store)
     collab_uri, vocab = stage_collab(cfg1, store)
     train, val = datasets(cfg1, vocab)  # the hybrid's inputs: tokens + the tables' rows and history tensors
-    scratch_before = set(Path(tempfile.gettempdir()).glob("llmrec-train-r*"))
+
+    def scratch() -> set:  # these rounds' worker folders only: other Ray Train jobs on the machine make their own
+        return {p for run in ("round1", "round2") for p in Path(tempfile.gettempdir()).glob(f"llmrec-train-{run}-r*")}
+
+    scratch_before = scratch()
     first = run_training(cfg1, train, val, None, "round1", store, collab_uri=collab_uri)
-    scratch_left = set(Path(tempfile.gettempdir()).glob("llmrec-train-r*")) - scratch_before
     fusion = fit_round_fusion(first.export_dir, val, from_parent=False)  # what train_candidate does after the workers
     store.upload_dir(first.export_dir, "registry/versions/v0001/model")
     # Round 2: ZeRO 2 from round 1's export; the last worker dies at step 5 and is replaced. It died at step 3
@@ -89,6 +92,7 @@ def rounds(ray_session, tmp_path_factory):
 
     second = run_training(cfg2, train, val, store.key_uri("registry/versions/v0001/model"), "round2", store,
                           extra_loop_config={"on_step": kill_last_worker_once}, collab_uri=collab_uri)
+    scratch_left = scratch() - scratch_before  # round 2's killed worker never ran its `finally`: its successor cleans up
     cfg3 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "model.kind=text", "model.lora.enabled=true",
                               "model.lora.r=4", "train.max_epochs=1"])
     text_train, text_val = datasets(cfg3)  # the text-only model: tokens alone
@@ -107,7 +111,8 @@ def test_first_round_learns(rounds):
 
 def test_workers_remove_their_scratch_folders(rounds):
     # every worker's checkpoints and downloads live in one temp folder, removed when its round ends (a MiniLM round
-    # left ~1.4 GB per worker before); the driver's export copy goes with TrainResult.discard
+    # left ~1.4 GB per worker before), and by its replacement when the worker was killed (round 2); the driver's
+    # export copy goes with TrainResult.discard
     assert rounds["scratch_left"] == set()
     first = rounds["first"]
     assert first.scratch is not None and first.export_dir.is_relative_to(first.scratch)
