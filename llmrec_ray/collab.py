@@ -21,10 +21,10 @@ history are scored like everyone else.
     statistics of the history, of the candidate (count, like rate, mean rating and its spread), the neighbour
     features and the text features (the same four with s(c, j) = the cosine of the two items' text vectors: the
     frozen backbone's sentence embeddings of their texts, a buffer filled by model.fill_text_vectors; content
-    similarity needs no co-ratings) -- score instead of the linear sum. They learn from the newest rows with statistics of the older
-    rows only (`fit_tree_head`), and are evaluated in torch (`TreeHead`), saved in the same safetensors file as
-    the tables. The linear sum stays what retrieval factorises (llmrec_ray/retrieval.py) and what scores when a
-    round had too few rows for trees.
+    similarity needs no co-ratings) -- score instead of the linear sum. They learn from the newest rows with
+    statistics of the older rows only (`fit_tree_head`), and are evaluated in torch (`TreeHead`), saved in the
+    same safetensors file as the tables. The linear sum stays what retrieval factorises (llmrec_ray/retrieval.py)
+    and what scores when a round had too few rows for trees.
 
 Row 0 of every table is the unknown id (an item the tables never saw, or padding): its rows are zero,
 so an unknown candidate contributes no item term and an unknown history item only counts in f; text
