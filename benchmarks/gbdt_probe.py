@@ -58,24 +58,14 @@ class Features:
         self.topk = 0
         self.texts = texts
 
-    def use_text_sims(self, batch_size: int = 128) -> None:
-        """Item-item cosine similarities of the item texts' mean-pooled vectors from the frozen MiniLM."""
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+    def use_text_sims(self, cfg) -> None:
+        """Item-item cosine similarities of the item texts' vectors: the product's (llmrec_ray.model.encode_item_texts,
+        the frozen MiniLM's mean-pooled sentence embeddings)."""
+        from llmrec_ray.model import encode_item_texts
 
-        from llmrec_ray.model import minilm_dir
-
-        tokenizer, encoder = AutoTokenizer.from_pretrained(minilm_dir()), AutoModel.from_pretrained(minilm_dir()).eval()
-        vectors = np.zeros((len(self.items) + 1, encoder.config.hidden_size), np.float32)  # row 0 (unknown): zeros
-        items = list(self.texts.index)
-        with torch.no_grad():
-            for i in range(0, len(items), batch_size):
-                batch = items[i:i + batch_size]
-                enc = tokenizer([self.texts[k] for k in batch], padding=True, truncation=True, max_length=64,
-                                return_tensors="pt")
-                mask = enc["attention_mask"].unsqueeze(-1).float()
-                mean = (encoder(**enc).last_hidden_state * mask).sum(1) / mask.sum(1)
-                vectors[[self.items[k] for k in batch]] = torch.nn.functional.normalize(mean, dim=-1).numpy()
+        encoded = encode_item_texts(cfg.model, list(self.texts)).numpy()
+        vectors = np.zeros((len(self.items) + 1, encoded.shape[1]), np.float32)  # row 0 (unknown): zeros
+        vectors[[self.items[k] for k in self.texts.index]] = encoded
         self.text_sims = vectors @ vectors.T
 
     def snapshot(self, ev: pd.DataFrame) -> dict:
@@ -253,7 +243,7 @@ def main() -> None:
     feats = Features(events, examples)
     feats.topk = args.topk
     if args.text_sims:
-        feats.use_text_sims()
+        feats.use_text_sims(cfg)
     drop = [d for d in args.drop.split(",") if d]
     weeks, ys, ps = week_bounds(keys, 4), [], []
     for w, (_, start) in enumerate(weeks):

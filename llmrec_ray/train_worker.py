@@ -216,8 +216,9 @@ def train_func(config: dict) -> None:
     """Runs on every Ray Train worker (see the module docstring for `config`)."""
     # Everything this worker writes lives here, removed when the round ends however it ends (ray.train.report has
     # copied each reported checkpoint to the run's storage before it returns).
-    work_dir = Path(tempfile.mkdtemp(prefix=scratch_prefix(ray.train.get_context())))
-    remove_stale_scratch(work_dir)
+    prefix = scratch_prefix(ray.train.get_context())
+    work_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    remove_stale_scratch(work_dir, prefix)
     try:
         run_worker(WorkerRound(config, work_dir), config)
     finally:
@@ -229,10 +230,9 @@ def scratch_prefix(context) -> str:
     return f"llmrec-train-{context.get_experiment_name()}-r{context.get_world_rank()}-"
 
 
-def remove_stale_scratch(work_dir: Path) -> None:
+def remove_stale_scratch(work_dir: Path, prefix: str) -> None:
     """Removes the folders a dead predecessor of this worker left on this node (same run, same rank: a killed process
     never runs its `finally`). Ray Train restarts the whole worker group, so no live worker owns such a folder."""
-    prefix = work_dir.name[: work_dir.name.rindex("-") + 1]
     for stale in work_dir.parent.glob(f"{prefix}*"):
         if stale != work_dir:
             shutil.rmtree(stale, ignore_errors=True)
