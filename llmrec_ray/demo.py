@@ -51,35 +51,64 @@ def wait_for_version(base_url: str, version: str, timeout_s: float = 120.0) -> f
     raise TimeoutError(f"Serve did not switch to {version} within {timeout_s:.0f} s")
 
 
+def next_week_sample(week: pd.DataFrame, known_items, returning_users=None, max_items: int = 8) -> Optional[pd.DataFrame]:
+    """The demo's sample: among `returning_users` (None: every user of `week`), the user whose first `max_items` rated
+    movies (the catalogue's, in time order) hold the most liked x disliked pairs (ties: the smallest user id), those
+    rows in time order; None when no such user has a liked and a disliked one. Chosen by the ratings alone, never
+    by the model's scores."""
+    best, best_pairs = None, 0
+    rows = week[week["item_id"].astype(str).isin(known_items)]
+    if returning_users is not None:
+        rows = rows[rows["user_id"].isin(returning_users)]
+    for _user, mine in rows.sort_values(["timestamp", "item_id"], kind="stable").groupby("user_id", sort=True):
+        mine = mine.head(max_items)
+        pairs = int((mine["label"] == 1).sum()) * int((mine["label"] == 0).sum())
+        if pairs > best_pairs:
+            best, best_pairs = mine, pairs
+    return best
+
+
+def ordered_pairs(scores, labels) -> tuple[int, int]:
+    """(liked x disliked pairs the scores put in the right order -- the liked one strictly higher --, all such pairs)."""
+    liked = [s for s, y in zip(scores, labels) if y == 1]
+    disliked = [s for s, y in zip(scores, labels) if y == 0]
+    return sum(a > b for a in liked for b in disliked), len(liked) * len(disliked)
+
+
 def pick_user(store, after_shard: str, catalog, history_len: int) -> Optional[dict]:
-    """A real user of the period after `after_shard` with a liked and a disliked movie in it: their history
-    (every rating before that movie, most recent first) and the two movies with the ratings they gave."""
+    """A real user of the period after `after_shard` who rated movies before it (next_week_sample): their history
+    (every rating before the first of their sampled movies, most recent first) and those movies with their ratings."""
     keys = [s.key for s in Ledger(store).shards()]
     later = [k for k in keys if k > after_shard]
     if not later:
         return None
-    week = store.read_table(later[0]).to_pandas().sort_values("timestamp")
-    for user, rows in week.groupby("user_id", sort=True):
-        liked, disliked = rows[rows["label"] == 1], rows[rows["label"] == 0]
-        if len(liked) and len(disliked) and liked.iloc[0]["item_id"] in catalog.index and disliked.iloc[0]["item_id"] in catalog.index:
-            first = min(liked.iloc[0]["timestamp"], disliked.iloc[0]["timestamp"])
-            past = pd.concat([store.read_table(k).to_pandas() for k in keys if k <= after_shard] + [rows])
-            past = past[(past["user_id"] == user) & (past["timestamp"] < first)].sort_values("timestamp", ascending=False)
-            history = [{"item_id": str(i), "rating": float(r)} for i, r in zip(past["item_id"], past["rating"])][:history_len]
-            return {"user": str(user), "history": history, "liked": liked.iloc[0], "disliked": disliked.iloc[0]}
-    return None
+    week = store.read_table(later[0]).to_pandas()
+    earlier = pd.concat([store.read_table(k).to_pandas() for k in keys if k <= after_shard])
+    movies = next_week_sample(week, set(catalog.index.astype(str)), set(earlier["user_id"]))
+    if movies is None:
+        return None
+    user, first = movies["user_id"].iloc[0], movies["timestamp"].min()
+    past = pd.concat([earlier, week])
+    past = past[(past["user_id"] == user) & (past["timestamp"] < first)].sort_values("timestamp", ascending=False)
+    history = [{"item_id": str(i), "rating": float(r)} for i, r in zip(past["item_id"], past["rating"])][:history_len]
+    return {"user": str(user), "history": history, "movies": movies}
 
 
 def sample_requests(base_url: str, catalog, pick: Optional[dict]) -> None:
-    """Score a real user's liked and disliked movie of the next week: the model should rank the liked one higher."""
+    """Score a real user's next-week movies in one request and print them by score with the rating the user gave:
+    the liked ones (label 1) should come first."""
     if pick is None:
         return
-    cands = [pick["liked"], pick["disliked"]]
-    body = {"history": pick["history"], "candidates": [{"item_id": str(c["item_id"])} for c in cands]}
+    movies = pick["movies"]
+    body = {"history": pick["history"], "candidates": [{"item_id": str(i)} for i in movies["item_id"]]}
     out = _get_json(f"{base_url}/v1/score", body)
-    shown = ", ".join(f"{catalog.loc[str(c['item_id']), 'title'][:30]!r} (rated {c['rating']:g}) -> {s['probability']:.3f}"
-                      for c, s in zip(cands, out["scores"]))
-    print(f"   user {pick['user']} next week ({len(pick['history'])} past ratings sent), model {out['model_version']}: {shown}")
+    scores = [s["probability"] for s in out["scores"]]
+    right, total = ordered_pairs(scores, movies["label"].tolist())
+    print(f"   user {pick['user']}'s next {len(movies)} movies ({len(pick['history'])} past ratings sent), "
+          f"model {out['model_version']}: {right} of {total} liked/disliked pairs in the right order")
+    for score, (_, m) in sorted(zip(scores, movies.iterrows()), key=lambda t: -t[0]):
+        mark = "liked   " if m["label"] == 1 else "disliked"
+        print(f"     {score:.3f}  {mark} (rated {m['rating']:g})  {catalog.loc[str(m['item_id']), 'title'][:50]}")
 
 
 def run_demo(cfg: Config, rounds: int, log_path: Optional[Path] = None, out_dir: str | Path = "out/demo") -> int:
