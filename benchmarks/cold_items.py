@@ -58,6 +58,7 @@ def write_store(cfg, store, weeks: int, holdout: float, seed: int) -> tuple[int,
 
 
 def run(args) -> dict:
+    from llmrec_ray.ingest import item_texts, load_catalog
     from llmrec_ray.runtime import configure_environment, ensure_ray
 
     work = Path(args.work)
@@ -67,6 +68,7 @@ def run(args) -> dict:
     store = Store.from_config(cfg.store)
     start, new_items = write_store(cfg, store, args.weeks, args.holdout, args.seed)
     keys, events, examples = prepare(cfg, store, work)
+    texts = {i: t for i, (t, _) in item_texts(load_catalog(store)).items()}  # the catalogue keeps the new items' rows
     train_events, train_examples = events[events["timestamp"] < start], examples[examples["timestamp"] < start]
     week = examples[examples["timestamp"] >= start]
     seen = set(train_events["item_id"]) | {i for h in train_examples["history_ids"] for i in h}
@@ -85,7 +87,7 @@ def run(args) -> dict:
         t0 = time.time()
         info = {}
         if arm in CLASSICAL:
-            scorer, _ = classical_scorer(arm, train_events, train_examples, events, cfg)
+            scorer, _ = classical_scorer(arm, train_events, train_examples, events, cfg, texts=texts)
         else:
             configure_environment()
             ensure_ray(cfg)

@@ -18,6 +18,7 @@ import numpy as np
 
 from quality_ml100k import OVERRIDES, classical_scorer, fast_auc, prepare, split, week_bounds  # a script beside it
 from llmrec_ray.config import Config, load_config
+from llmrec_ray.ingest import item_texts, load_catalog
 from llmrec_ray.store import Store
 
 
@@ -63,14 +64,16 @@ def main() -> None:
     out = []
     for variant in args.variants:
         cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}", *[v for v in variant.split(",") if v]])
-        keys, events, examples = prepare(cfg, Store.from_config(cfg.store), work)  # cached per history length
+        store = Store.from_config(cfg.store)
+        keys, events, examples = prepare(cfg, store, work)  # cached per history length
+        texts = {i: t for i, (t, _) in item_texts(load_catalog(store)).items()}  # as a round reads them
         weeks = week_bounds(keys, 4)
         ys, ps, started = [], [], time.time()
         for w in range(args.weeks):
             end = weeks[w + 1][1] if w + 1 < len(weeks) else int(events["timestamp"].max()) + 1
             train_events, week = split(events, examples, weeks[w][1], end)
             scorer, _ = classical_scorer("collab", train_events, examples[examples["timestamp"] < weeks[w][1]],
-                                         events[events["timestamp"] < end], cfg)
+                                         events[events["timestamp"] < end], cfg, texts=texts)
             ys.append(week["label"].to_numpy())
             ps.append(scorer(week))
         row = {"variant": variant or "defaults", "auc": fast_auc(np.concatenate(ys), np.concatenate(ps)),

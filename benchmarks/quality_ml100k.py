@@ -35,7 +35,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -104,12 +104,14 @@ def split(events: pd.DataFrame, examples: pd.DataFrame, start: int, end: int):
 
 # --- arms -----------------------------------------------------------------------------------------------
 def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.DataFrame, log: pd.DataFrame,
-                     cfg: Config, previous=None):
-    """(scorer(frame) -> probs, state to warm-start the next week). Fitted only on what it is given."""
+                     cfg: Config, previous=None, texts: Optional[dict] = None):
+    """(scorer(frame) -> probs, state to warm-start the next week). Fitted only on what it is given; `texts` (item_id
+    -> candidate text, catalogue_texts) lets collab give catalogue items their text vector before their first event,
+    as a round does (None: the texts of train_examples' items)."""
     from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity
-    from llmrec_ray.collab import fit_collab, predict_logits, warm_start
+    from llmrec_ray.collab import fit_collab, predict_logits
     from llmrec_ray.ids import history_arrays
-    from llmrec_ray.model import fill_text_vectors, text_vector_dim
+    from llmrec_ray.model import collab_tables
 
     if arm == "popularity":
         m = Popularity().fit(train_events)
@@ -122,8 +124,9 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
         return (lambda f: m.predict_frame(f, log)), None
     if arm == "collab":
         c = cfg.model.collab
-        net, vocab = warm_start(previous, train_examples["item_id"], c.dim, c.neighbours, text_vector_dim(cfg.model))
-        fill_text_vectors(net, vocab, train_examples, cfg.model)
+        if texts is None:
+            texts = dict(zip(train_examples["item_id"], train_examples["candidate_text"]))
+        net, vocab, _ = collab_tables(previous, train_examples["item_id"], texts, cfg.model)  # as a round does
 
         def hist(f):
             return history_arrays(vocab, f["history_ids"].tolist(), f["history_ratings"].tolist(),
@@ -273,7 +276,8 @@ def run(args) -> dict:
             t0 = time.time()
             info = {}
             if arm in CLASSICAL:
-                scorer, _ = classical_scorer(arm, train_events, train_examples, log, cfg)
+                scorer, _ = classical_scorer(arm, train_events, train_examples, log, cfg,
+                                             texts={i: t for i, (t, _) in texts.items()})
                 info = {"train_rows": len(train_events), "seconds_fit": time.time() - t0}
             else:
                 configure_environment()

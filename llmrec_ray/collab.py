@@ -26,9 +26,12 @@ history are scored like everyone else.
     same safetensors file as the tables. The linear sum stays what retrieval factorises (llmrec_ray/retrieval.py)
     and what scores when a round had too few rows for trees.
 
-Row 0 of every table is the unknown id (an item the tables never saw, or padding): its rows are zero,
-so an unknown candidate contributes no item term and an unknown history item only counts in f; text
-alone speaks for it (the language-model part of the hybrid, llmrec_ray/model.py).
+Row 0 of every table is the unknown id (an item the tables never saw, or padding): its rows are zero and its
+statistics those of an item without events, so an unknown candidate contributes no item term and an unknown history
+item only counts in f; text alone speaks for it (the language-model part of the hybrid, llmrec_ray/model.py). With
+text vectors on, a round gives every catalogue item a row and its vector before its first event
+(model.collab_tables): such a row's statistics are an unknown item's, but the text features compare its text with
+the history's.
 
 Incremental: `ItemVocab.grow` keeps every known id at its row and appends new ids; `CollabNet.grown`
 copies the old rows into bigger tables (new rows start at zero). `fit_collab` trains the tables on
@@ -137,12 +140,20 @@ class CollabNet(nn.Module):
         s = torch.einsum("bhd,bd->bh", self.item_text[hist_rows], cand).to(hist_rating.dtype) * known
         return _similarity_features(s, known, hist_present, hist_liked, hist_rating, hist_rated)
 
-    def forward(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
-        """The tree head's logit when there is one (fit_collab's default), else the linear one."""
+    def forward(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated, stats_rows=None):
+        """The tree head's logit when there is one (fit_collab's default), else the linear one. stats_rows: the rows
+        whose statistics, neighbour lists and tables describe the candidate (None: cand_rows); zeros ask "what if
+        the candidate had no events yet" -- its text vector still speaks (the fusion's held-out twins)."""
         if self.head is not None:
-            x = self.head_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+            x = self.head_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated, stats_rows)
             return self.head(x[:, : self.head.num_features]).to(x.dtype)  # a head from before the text features
-        return self.linear_logit(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+        return self.linear_logit(cand_rows if stats_rows is None else stats_rows, hist_rows, hist_present, hist_liked,
+                                 hist_rating, hist_rated)
+
+    def seen(self, rows) -> torch.Tensor:
+        """Per row: did the training rows hold an event of the item? Row 0 (unknown) and a catalogue item that
+        only has its text vector (model.collab_tables) have not."""
+        return self.item_logcount[rows] > 0
 
     def linear_logit(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
         """mu + b[cand] + <u, E[cand]> + w . f: what the tables learn, and what retrieval factorises."""
@@ -152,9 +163,11 @@ class CollabNet(nn.Module):
         return (self.mu + self.item_bias(cand_rows).squeeze(-1) + (u * self.cand(cand_rows)).sum(-1)
                 + self.user_features(f).squeeze(-1))
 
-    def head_features(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
-        """(B, len(HEAD_FEATURES)) float32: the history's statistics, the candidate's (from the buffers) and the
-        history against the candidate's neighbour list. Ratings are centred (ids.HistoryArrays)."""
+    def head_features(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated, stats_rows=None):
+        """(B, len(HEAD_FEATURES)) float32: the history's statistics, the candidate's (from the buffers of
+        `stats_rows`, default cand_rows), the history against the candidate's neighbour list and against its text.
+        Ratings are centred (ids.HistoryArrays)."""
+        stats = cand_rows if stats_rows is None else stats_rows
         n = hist_present.sum(-1)
         rated = hist_rated * hist_present
         n_rated = rated.sum(-1)
@@ -166,11 +179,11 @@ class CollabNet(nn.Module):
         last = (hist_rating * rated)[:, 0] if hist_rating.shape[1] else torch.zeros_like(n)
         known = rated * (hist_rows != UNKNOWN).float()
         rating_dev = ((hist_rating - self.item_mean[hist_rows]) * known).sum(-1) / (known.sum(-1) + 1.0)
-        item_mean = self.item_mean[cand_rows]
-        g = self.neighbour_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+        item_mean = self.item_mean[stats]
+        g = self.neighbour_features(stats, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
         t = self.text_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
-        x = torch.stack([torch.log1p(n), like_rate, mean, std, last5, last, rating_dev, self.item_logcount[cand_rows],
-                         self.item_like_rate[cand_rows], item_mean, self.item_std[cand_rows], item_mean + rating_dev], -1)
+        x = torch.stack([torch.log1p(n), like_rate, mean, std, last5, last, rating_dev, self.item_logcount[stats],
+                         self.item_like_rate[stats], item_mean, self.item_std[stats], item_mean + rating_dev], -1)
         return torch.cat([x, g, t], -1).float()
 
     def set_item_statistics(self, cand_rows: torch.Tensor, hist_rows: torch.Tensor, hist_rating: torch.Tensor,
@@ -210,8 +223,13 @@ class CollabNet(nn.Module):
             liked = torch.zeros(size).index_add_(0, cand_rows, y)
             prior = float(y.mean()) if len(y) else 0.0
             self.item_like_rate.copy_((liked + ITEM_PRIOR * prior) / (cand_count + ITEM_PRIOR))
-        for buffer in (self.item_rating, self.item_logcount, self.item_mean, self.item_std, self.item_like_rate):
-            buffer[UNKNOWN] = 0.0
+        # Row 0 (unknown) describes an item without events like any such row: the prior like rate and mean rating.
+        # The head learnt those values on items first seen after its statistics' cut, never zeros. Row 0's rating
+        # (a history statistic) stays 0; history terms mask unknown rows anyway.
+        self.item_rating[UNKNOWN], self.item_logcount[UNKNOWN], self.item_std[UNKNOWN] = 0.0, 0.0, 0.0
+        self.item_mean[UNKNOWN] = overall
+        if labels is not None:
+            self.item_like_rate[UNKNOWN] = prior
 
     def rows_without_text(self) -> np.ndarray:
         """Known rows (>= 1) that have no text vector yet (new ids since the last fill); none without text_dim."""

@@ -1,7 +1,8 @@
 """The item index of one version (llmrec_ray/retrieval.py searches it): built at registration, saved in the version's
 folder, loaded by Serve with the version.
 
-Items the tables never saw (new catalogue items; vocab row 0) get a vector from their text: at build time a ridge
+Items the tables hold no event of (new catalogue items: vocab row 0, or a row with only its text vector) get a
+vector from their text: at build time a ridge
 regression is fitted from frozen text vectors of known items (mean-pooled hidden states of the export's own text
 encoder, each item's text encoded once) to their item vectors, and applied to the unknown ones. `ItemIndex.add_items`
 does the same, through the ItemSource and TextProjection attached here, for items that appear after the build.
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from llmrec_ray.config import Config
-from llmrec_ray.ids import UNKNOWN, ItemVocab
+from llmrec_ray.ids import ItemVocab
 from llmrec_ray.model import load_export
 from llmrec_ray.retrieval import ItemIndex, item_table_vectors, model_key, require_hybrid
 from llmrec_ray.catalog import load_catalog
@@ -115,20 +116,22 @@ class ItemSource:
     """What computes vectors for new items: the model's table vectors for ids it knows, else text -> projection."""
     vocab: ItemVocab
     table: np.ndarray  # (num_items + 1, D) from item_table_vectors
+    seen: np.ndarray  # (num_items + 1,) bool: the row's item had events (CollabNet.seen); the others come from text
     encode: Callable[[Sequence[str]], np.ndarray]  # texts -> (N, H)
     key: str  # model_key of the model
 
     @classmethod
     def from_model(cls, model, tokenizer, cfg, batch_size: int = 64) -> "ItemSource":
         require_hybrid(model)
-        return cls(model.vocab, item_table_vectors(model.collab), TextEncoder(model.lm, tokenizer, cfg.model.max_seq_len,
-                                                                             batch_size), model_key(model))
+        seen = model.collab.seen(torch.arange(len(model.vocab) + 1)).numpy()
+        return cls(model.vocab, item_table_vectors(model.collab), seen,
+                   TextEncoder(model.lm, tokenizer, cfg.model.max_seq_len, batch_size), model_key(model))
 
     def vectors(self, item_ids: Sequence[str], texts: Sequence[str], projection: TextProjection) -> tuple[np.ndarray, np.ndarray]:
         """((N, D) float32, (N,) bool from_text): table rows for known ids, the projected text vector for the rest."""
         rows = self.vocab.rows(item_ids)
         out = self.table[rows].astype(np.float32)
-        from_text = rows == UNKNOWN
+        from_text = ~self.seen[rows]
         if from_text.any():
             out[from_text] = projection(self.encode([texts[i] for i in np.flatnonzero(from_text)]))
         return out, from_text
@@ -145,7 +148,7 @@ def build_index(model, tokenizer, cfg, item_ids: Sequence[str], texts: Sequence[
                          + ("" if genres is None else f" and {len(genres)} genre entries"))
     source = ItemSource.from_model(model, tokenizer, cfg, batch_size)
     ids = [str(i) for i in item_ids]
-    known = np.flatnonzero(source.vocab.rows(ids) != UNKNOWN)
+    known = np.flatnonzero(source.seen[source.vocab.rows(ids)])
     if len(known) > max_fit_items:
         known = np.sort(np.random.default_rng(seed).choice(known, max_fit_items, replace=False))
     projection = TextProjection.fit(source.encode([texts[i] for i in known]),

@@ -26,13 +26,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import yaml
 
-from llmrec_ray.collab import VOCAB_FILE, WEIGHTS_FILE, CollabNet, load_collab, save_collab
+from llmrec_ray.collab import VOCAB_FILE, WEIGHTS_FILE, CollabNet, load_collab, save_collab, warm_start
 from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import Config, ModelConfig, config_from_dict
 from llmrec_ray.text import TOKEN_KEYS, tokenize_pairs
@@ -74,23 +74,36 @@ class HybridScorer(torch.nn.Module):
     def is_hybrid(self) -> bool:
         return self.collab is not None
 
-    def forward(self, input_ids, attention_mask, token_type_ids, cand_rows=None, with_text: bool = False, **hist):
-        """(B,) fused logits; with_text=True: (fused, the text part's own logits) -- what a round trains."""
-        lm_logit = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                           token_type_ids=token_type_ids).logits.squeeze(-1).float()  # (B,)
-        if self.collab is None:
-            return (lm_logit, lm_logit) if with_text else lm_logit
-        if cand_rows is None:  # no ids given: unknown candidates and an id-less history
+    def forward(self, input_ids, attention_mask, token_type_ids, cand_rows=None, text_only: bool = False, **hist):
+        """(B,) fused logits; text_only=True: the text part's own logits, the collaborative part left out (what a
+        round trains)."""
+        if text_only or self.collab is None:
+            return self.text_logits(input_ids, attention_mask, token_type_ids)
+        lm_logit, cf, unknown = self.parts(input_ids, attention_mask, token_type_ids, cand_rows, **hist)
+        return fuse(cf, lm_logit, unknown, torch.cat([self.fusion.weight.reshape(-1), self.fusion.bias]))
+
+    def text_logits(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                       token_type_ids=token_type_ids).logits.squeeze(-1).float()  # (B,)
+
+    def parts(self, input_ids, attention_mask, token_type_ids, cand_rows=None, **hist):
+        """The fusion's inputs, each (B,): the text part's logit, the collaborative logit, unknown (1.0 where the
+        tables hold no event of the candidate: not in the vocab, or a catalogue item with only its text vector).
+        No id inputs: every candidate unknown and the history id-less."""
+        lm_logit = self.text_logits(input_ids, attention_mask, token_type_ids)
+        if cand_rows is None:
             cand_rows = torch.zeros_like(lm_logit, dtype=torch.long)
             hist = {k: torch.zeros((len(lm_logit), 1), dtype=torch.long if k == "hist_rows" else torch.float32,
                                    device=lm_logit.device) for k in HIST_KEYS}
-        unknown = (cand_rows == 0).float()
-        cf = self.collab(cand_rows, **hist)
-        fused = self.fusion(torch.stack([lm_logit, lm_logit * unknown, unknown], dim=-1)).squeeze(-1)
-        return (cf + fused, lm_logit) if with_text else cf + fused
+        return lm_logit, self.collab(cand_rows, **hist), (~self.collab.seen(cand_rows)).float()
 
     def fusion_weights(self) -> list[float]:
         return [*self.fusion.weight.detach().reshape(-1).tolist(), float(self.fusion.bias.detach())]
+
+
+def fuse(cf, lm_logit, unknown, weights):
+    """The hybrid's logit from its parts (each (B,)) and the four fusion weights (lm, lm * unknown, unknown, bias)."""
+    return cf + weights[0] * lm_logit + weights[1] * lm_logit * unknown + weights[2] * unknown + weights[3]
 
 
 def fit_fusion(lm_logit, cf, cf_unknown, unknown, labels, prior: Optional[Sequence[float]] = None,
@@ -108,14 +121,13 @@ def fit_fusion(lm_logit, cf, cf_unknown, unknown, labels, prior: Optional[Sequen
     lm_all = torch.cat([lm_logit, lm_logit[known]])
     u = torch.cat([unknown, torch.ones(int(known.sum()), dtype=torch.float64)])
     offset, y = torch.cat([cf, cf_unknown[known]]), torch.cat([labels, labels[known]])
-    x = torch.stack([lm_all, lm_all * u, u], dim=1)
     centre = torch.as_tensor(list(prior) if prior is not None else [0.0] * 4, dtype=torch.float64)
     w = centre.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        nll = torch.nn.functional.binary_cross_entropy_with_logits(offset + x @ w[:3] + w[3], y, reduction="sum")
+        nll = torch.nn.functional.binary_cross_entropy_with_logits(fuse(offset, lm_all, u, w), y, reduction="sum")
         loss = (nll + strength * ((w - centre) ** 2).sum()) / len(y)
         loss.backward()
         return loss
@@ -221,19 +233,28 @@ def encode_item_texts(cfg: ModelConfig, texts: Sequence[str], batch_size: int = 
     return torch.cat(out) if out else torch.zeros(0, encoder.config.hidden_size)
 
 
-def fill_text_vectors(net: CollabNet, vocab: ItemVocab, frame, cfg: ModelConfig) -> int:
-    """Gives the rows without a text vector (new ids) the vector of their candidate text in `frame` (an examples
-    frame: item_id, candidate_text); returns how many it encoded. Known rows keep theirs: a round encodes only the
-    items it has not seen (all of them in a first round: about 7 s for MovieLens' 1,632 on 2 CPU cores)."""
+def fill_text_vectors(net: CollabNet, vocab: ItemVocab, texts: Mapping[str, str], cfg: ModelConfig) -> int:
+    """Gives the rows without a text vector (new ids) the vector of their candidate text (`texts`: item_id -> text,
+    llmrec_ray.text.item_texts' first element); returns how many it encoded. Known rows keep theirs: a round encodes
+    only the items it has not seen (all of them in a first round: about 7 s for MovieLens' 1,682 on 2 CPU cores)."""
     rows = net.rows_without_text()
-    if not len(rows):
-        return 0
-    texts = frame.drop_duplicates("item_id", keep="last").set_index("item_id")["candidate_text"]
-    ids = [vocab.ids[r - 1] for r in rows]
-    have = [(r, texts[i]) for r, i in zip(rows, ids) if i in texts.index]
+    have = [(r, texts[vocab.ids[r - 1]]) for r in rows if vocab.ids[r - 1] in texts]
     if have:
         net.set_text_vectors(np.array([r for r, _ in have]), encode_item_texts(cfg, [t for _, t in have]))
     return len(have)
+
+
+def collab_tables(previous: Optional[tuple[CollabNet, ItemVocab]], item_ids: Sequence[str], texts: Mapping[str, str],
+                  cfg: ModelConfig) -> tuple[CollabNet, ItemVocab, int]:
+    """(tables, vocab, texts encoded) a collaborative fit starts from: the promoted ones (or fresh) grown by the ids
+    of the training rows (`item_ids`) and, with text vectors on, by every catalogue item (`texts`: item_id ->
+    candidate text) -- so an item is compared with the history by its text before its first event, and the vectors
+    of all new rows are filled. Without text vectors the catalogue adds nothing: a row without events would be the
+    unknown row."""
+    dim = text_vector_dim(cfg)
+    ids = [*map(str, item_ids), *(texts if dim else ())]
+    net, vocab = warm_start(previous, ids, cfg.collab.dim, cfg.collab.neighbours, dim)
+    return net, vocab, fill_text_vectors(net, vocab, texts, cfg)
 
 
 def apply_lora(model, cfg: ModelConfig):

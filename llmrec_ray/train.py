@@ -30,11 +30,12 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from llmrec_ray import ingest
-from llmrec_ray.collab import COLLAB_FILES, fit_collab, load_collab, save_collab, warm_start
+from llmrec_ray.catalog import load_catalog
+from llmrec_ray.collab import COLLAB_FILES, fit_collab, load_collab, save_collab
 from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import Config
-from llmrec_ray.model import (fill_text_vectors, fit_fusion, load_export, model_source, text_vector_dim,
-                              write_fusion)
+from llmrec_ray.model import collab_tables, fit_fusion, fuse, load_export, model_source, write_fusion
+from llmrec_ray.text import item_texts
 from llmrec_ray.train_worker import MODEL_INPUT_KEYS, key_in, train_func
 
 METRICS_FILE = "train_metrics.json"  # beside the export on the driver
@@ -77,9 +78,8 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
             if all((local / name).exists() for name in COLLAB_FILES):  # else a text-only parent: the tables start fresh
                 previous = load_collab(local)
     frame = ingest.examples_frame(cfg, store, history_keys, catalog_version=catalog_version)
-    net, vocab = warm_start(previous, frame["item_id"], cfg.model.collab.dim, cfg.model.collab.neighbours,
-                            text_vector_dim(cfg.model))
-    encoded = fill_text_vectors(net, vocab, frame, cfg.model)
+    texts = {i: t for i, (t, _) in item_texts(load_catalog(store, version=catalog_version)).items()}
+    net, vocab, encoded = collab_tables(previous, frame["item_id"], texts, cfg.model)
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     c = cfg.model.collab
@@ -129,18 +129,19 @@ def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
     with torch.no_grad():  # four weights need few rows; the cap bounds the driver's transformer passes
         for batch in val_ds.limit(FUSION_MAX_ROWS).iter_torch_batches(batch_size=64):
             inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+            lm_logit, cf, unknown = model.parts(**inputs)
+            cols["lm_logit"].append(lm_logit)
+            cols["cf"].append(cf)
             hist, rows = {k: inputs[k] for k in HIST_KEYS}, inputs["cand_rows"]
-            cols["lm_logit"].append(model(**inputs, with_text=True)[1])
-            cols["cf"].append(model.collab(rows, **hist))
-            cols["cf_unknown"].append(model.collab(torch.zeros_like(rows), **hist))
-            cols["unknown"].append((rows == 0).float())
+            cols["cf_unknown"].append(model.collab(rows, **hist, stats_rows=torch.zeros_like(rows)))
+            cols["unknown"].append(unknown)
             cols["labels"].append(batch["label"].float())
     if not cols["labels"]:
         return {"fusion_rows": 0}
     c = {k: torch.cat(v).double() for k, v in cols.items()}
 
     def val_loss(w: list[float]) -> float:
-        logit = c["cf"] + w[0] * c["lm_logit"] + w[1] * c["lm_logit"] * c["unknown"] + w[2] * c["unknown"] + w[3]
+        logit = fuse(c["cf"], c["lm_logit"], c["unknown"], w)
         return float(torch.nn.functional.binary_cross_entropy_with_logits(logit, c["labels"]))
 
     start = model.fusion_weights()

@@ -136,7 +136,7 @@ class WorkerRound:
         """BCE of the text part's own logits: it learns to score alone (what a new item needs); the hybrid's
         fusion weights are fitted on the validation rows after the round (llmrec_ray.train.fit_round_fusion)."""
         inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-        _, text = self.engine(**inputs, with_text=True)  # (B,) logits
+        text = self.engine(**inputs, text_only=True)  # (B,) logits
         return self.loss_fn(text, batch["label"].float())
 
     def validation_loss(self) -> float:

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from llmrec_ray.collab import CollabNet, fit_collab, load_collab, predict_logits, warm_start
+from llmrec_ray.collab import (NUM_TEXT_FEATURES, CollabNet, batch_tensors, fit_collab, load_collab, predict_logits,
+                               warm_start)
 from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import load_config
 from llmrec_ray.text import TOKEN_KEYS
@@ -115,17 +116,21 @@ def test_fit_fusion_moves_from_the_prior_as_far_as_the_rows_carry_it():
     assert abs(many[0] - 2.0) < 0.15, many  # 20,000 rows: the data decide
 
 
-def test_with_text_returns_the_text_parts_own_logit_beside_the_fused_one(cfg):
+def test_text_only_gives_the_text_parts_own_logit_and_the_fused_one_adds_the_tables(cfg):
     lm, tokenizer = build_model(cfg.model)
-    model = HybridScorer(lm, CollabNet(2, 4), ItemVocab(["a", "b"]), [0.5, 0.0, 0.0, 1.0]).eval()
-    enc = encode_inputs(tokenizer, model.vocab, cfg, ["x", "y"], ["h", "h"], item_ids=["a", "b"], history_ids=[[], []])
+    model = HybridScorer(lm, CollabNet(2, 4), ItemVocab(["a", "b"]), [0.5, 0.25, -0.75, 1.0]).eval()
+    model.collab.item_logcount[1:] = 1.0  # as a fit leaves it: both items had events (else they count as unknown)
+    enc = encode_inputs(tokenizer, model.vocab, cfg, ["x", "y", "z"], ["h", "h", "h"], item_ids=["a", "b", "new"],
+                        history_ids=[[], ["a"], []], history_ratings=[[], [5.0], []])
     enc = {k: torch.as_tensor(v) for k, v in enc.items()}
     with torch.no_grad():
-        fused, text = model(**enc, with_text=True)
+        text = model(**enc, text_only=True)
         cf = model.collab(enc["cand_rows"], **{k: enc[k] for k in HIST_KEYS})
         torch.testing.assert_close(text, model.lm(**{k: enc[k] for k in TOKEN_KEYS}).logits.squeeze(-1))
-        torch.testing.assert_close(fused, cf + 0.5 * text + 1.0)
-        torch.testing.assert_close(model(**enc), fused)
+        unknown = torch.tensor([0.0, 0.0, 1.0])
+        torch.testing.assert_close(model(**enc), cf + 0.5 * text + 0.25 * text * unknown - 0.75 * unknown + 1.0)
+        lm_logit, cf_part, unknown_part = model.parts(**enc)
+        torch.testing.assert_close((lm_logit, cf_part, unknown_part), (text, cf, unknown))
 
 
 def test_ids_grow_between_rounds_old_rows_unchanged(cfg):
@@ -468,17 +473,15 @@ def test_text_vectors_come_from_the_frozen_backbone_once_per_item_and_travel_wit
     from llmrec_ray.collab import save_collab
     from llmrec_ray.model import fill_text_vectors, text_vector_dim
 
-    frame = pd.DataFrame({"item_id": ["toy", "heat", "toy"],
-                          "candidate_text": ["Toy Story (1995) | Animation, Children's", "Heat (1995) | Action, Crime",
-                                             "Toy Story (1995) | Animation, Children's"]})
+    texts = {"toy": "Toy Story (1995) | Animation, Children's", "heat": "Heat (1995) | Action, Crime"}
     dim = text_vector_dim(cfg.model)
     assert dim == 384  # MiniLM's hidden size: the frozen pretrained encoder, also behind the tiny test backbone
-    net, vocab = warm_start(None, frame["item_id"], 4, text_dim=dim)
-    assert net.rows_without_text().tolist() == [1, 2] and fill_text_vectors(net, vocab, frame, cfg.model) == 2
+    net, vocab = warm_start(None, ["toy", "heat", "toy"], 4, text_dim=dim)
+    assert net.rows_without_text().tolist() == [1, 2] and fill_text_vectors(net, vocab, texts, cfg.model) == 2
     torch.testing.assert_close(net.item_text[1:].norm(dim=-1), torch.ones(2))
-    assert net.rows_without_text().tolist() == [] and fill_text_vectors(net, vocab, frame, cfg.model) == 0
-    more = pd.DataFrame({"item_id": ["toy2"], "candidate_text": ["Toy Story 2 (1999) | Animation, Children's"]})
-    grown, vocab2 = warm_start((net, vocab), more["item_id"], 4, text_dim=dim)
+    assert net.rows_without_text().tolist() == [] and fill_text_vectors(net, vocab, texts, cfg.model) == 0
+    more = {**texts, "toy2": "Toy Story 2 (1999) | Animation, Children's"}
+    grown, vocab2 = warm_start((net, vocab), ["toy2"], 4, text_dim=dim)
     torch.testing.assert_close(grown.item_text[:3], net.item_text)  # known items keep theirs
     assert grown.rows_without_text().tolist() == [3] and fill_text_vectors(grown, vocab2, more, cfg.model) == 1
     toy, heat, toy2 = (grown.item_text[vocab2.index[i]] for i in ("toy", "heat", "toy2"))
@@ -489,6 +492,50 @@ def test_text_vectors_come_from_the_frozen_backbone_once_per_item_and_travel_wit
     torch.testing.assert_close(loaded.item_text, grown.item_text)
     off = load_config(None, ["model.backbone=tiny", "model.collab.text_sims=false"])
     assert text_vector_dim(off.model) == 0
+
+
+def test_catalogue_items_get_a_row_and_text_vector_before_their_first_event_and_count_as_unknown(cfg):
+    """collab_tables: with text vectors on, every catalogue item gets a row and its vector; one without events has
+    an unknown item's statistics (the prior like rate and mean rating, count 0), so the fusion treats it as unknown
+    and its collaborative logit is the "no events yet" twin's, while its text still meets the history's."""
+    from llmrec_ray.model import collab_tables
+
+    rng = np.random.default_rng(0)
+    titles = ["Toy Story (1995) | Animation", "Toy Story 2 (1999) | Animation", "Heat (1995) | Action, Crime",
+              "Casino (1995) | Drama", "Babe (1995) | Children's", "Sequel (2000) | Animation"]
+    texts = {f"i{k}": t for k, t in enumerate(titles)}
+    seen_ids = [f"i{k}" for k in range(5)]  # i5 is in the catalogue only
+    n = 3000
+    cand = rng.choice(seen_ids, n)
+    hist_ids = [list(rng.choice(seen_ids, 3)) for _ in range(n)]
+    ratings = [list(rng.integers(1, 6, 3).astype(float)) for _ in range(n)]
+    labels = rng.integers(0, 2, n)
+    net, vocab, encoded = collab_tables(None, cand, texts, cfg.model)
+    assert encoded == 6 and len(vocab) == 6 and net.rows_without_text().tolist() == []
+    hist = history_arrays(vocab, hist_ids, ratings, [[] for _ in range(n)], 3, 4.0)
+    fit_collab(net, vocab.rows(list(cand)), hist, labels, users=np.arange(n) % 50, epochs=2, head_fraction=0.5,
+               head_trees=20, head_leaves=4)
+    new, old = vocab.index["i5"], vocab.index["i0"]
+    assert net.seen(torch.tensor([0, new, old])).tolist() == [False, False, True]
+    assert float(net.item_mean[0]) == pytest.approx(float(net.global_rating))  # row 0: an item without events
+    assert float(net.item_like_rate[0]) == pytest.approx(float(labels.mean()), abs=1e-6)
+    for row in (0, new):
+        assert float(net.item_mean[row]) == pytest.approx(float(net.item_mean[0]))
+        assert float(net.item_like_rate[row]) == pytest.approx(float(net.item_like_rate[0]))
+    t = batch_tensors(np.array([new, old, new]), history_arrays(vocab, [["i0", "i1"], ["i0", "i1"], []],
+                                                                [[5.0, 5.0], [5.0, 5.0], []], [[], [], []], 3, 4.0))
+    with torch.no_grad():
+        as_is, twin = net(**t), net(**{**t, "stats_rows": torch.zeros(3, dtype=torch.long)})
+        feats = net.head_features(**t)
+    assert as_is[0] == twin[0] and as_is[1] != twin[1]  # the catalogue item is its own "no events yet" twin
+    assert feats[0, -NUM_TEXT_FEATURES:].abs().sum() > 0 and feats[2, -NUM_TEXT_FEATURES:].abs().sum() == 0
+    lm, tokenizer = build_model(cfg.model)
+    enc = encode_inputs(tokenizer, vocab, cfg, ["a", "b", "c"], ["h", "h", "h"], item_ids=["i5", "i0", "nope"])
+    with torch.no_grad():
+        unknown = HybridScorer(lm, net, vocab).parts(**{k: torch.as_tensor(v) for k, v in enc.items()})[2]
+    assert unknown.tolist() == [1.0, 0.0, 1.0]
+    off = load_config(None, ["model.backbone=tiny", "model.collab.text_sims=false"])
+    assert len(collab_tables(None, cand, texts, off.model)[1]) == 5  # no vectors: the catalogue adds no rows
 
 
 def test_a_tree_head_from_before_the_text_terms_loads_and_scores_as_before(tmp_path):
