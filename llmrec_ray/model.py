@@ -5,7 +5,7 @@
     collab part  item tables + a user side read from the history's item ids and ratings (llmrec_ray/collab.py);
                  its tree head also compares the items' texts, through sentence vectors of the frozen backbone
     logit = collab_logit + w1 * lm_logit + w2 * lm_logit * unknown + w3 * unknown + b   (unknown: 1 when the
-            tables never saw the candidate; the fusion weights learn how much the text must carry then)
+            tables hold no event of the candidate; the fusion weights learn how much the text must carry then)
 
 Why late fusion, fitted by stacking: the collaborative part is trained on all history in seconds (items are rows,
 not (user, item) pairs through a transformer); the language model learns, with DeepSpeed, to score from text alone
@@ -110,8 +110,9 @@ def fit_fusion(lm_logit, cf, cf_unknown, unknown, labels, prior: Optional[Sequen
                strength: float = FUSION_PRIOR_STRENGTH) -> list[float]:
     """Fusion weights (lm, lm * unknown, unknown, bias) maximising the likelihood of held-out rows under
     sigmoid(cf + fusion) (stacking; the collaborative logit is a fixed offset). Each row counts as it is and, when its
-    candidate is known, once more as if it were not (cf_unknown: the collaborative logit with the candidate's row
-    hidden, unknown=1), so the unknown-item weights learn how far the text must carry an item the tables never saw.
+    candidate is known, once more as if it were not (cf_unknown: the collaborative logit with the candidate's
+    statistics those of an item without events -- its text vector kept --, unknown=1), so the unknown-item weights
+    learn how far the text must carry an item the tables hold no event of.
     A Gaussian prior holds the four numbers near `prior` (the promoted version's; None: zeros, the tables alone):
     penalty strength * |w - prior|^2 against the summed log loss, so a round with a few hundred validation rows
     moves them only as far as its evidence carries. All inputs: (N,) tensors."""
@@ -247,12 +248,12 @@ def fill_text_vectors(net: CollabNet, vocab: ItemVocab, texts: Mapping[str, str]
 def collab_tables(previous: Optional[tuple[CollabNet, ItemVocab]], item_ids: Sequence[str], texts: Mapping[str, str],
                   cfg: ModelConfig) -> tuple[CollabNet, ItemVocab, int]:
     """(tables, vocab, texts encoded) a collaborative fit starts from: the promoted ones (or fresh) grown by the ids
-    of the training rows (`item_ids`) and, with text vectors on, by every catalogue item (`texts`: item_id ->
-    candidate text) -- so an item is compared with the history by its text before its first event, and the vectors
-    of all new rows are filled. Without text vectors the catalogue adds nothing: a row without events would be the
-    unknown row."""
+    of the training rows (`item_ids`) and, with text vectors and model.collab.catalog_rows on, by every catalogue
+    item (`texts`: item_id -> candidate text) -- so an item is compared with the history by its text before its
+    first event; then the vectors of all new rows are filled. Without text vectors the catalogue adds nothing: a
+    row without events would be the unknown row."""
     dim = text_vector_dim(cfg)
-    ids = [*map(str, item_ids), *(texts if dim else ())]
+    ids = [*map(str, item_ids), *(texts if dim and cfg.collab.catalog_rows else ())]
     net, vocab = warm_start(previous, ids, cfg.collab.dim, cfg.collab.neighbours, dim)
     return net, vocab, fill_text_vectors(net, vocab, texts, cfg)
 

@@ -13,7 +13,7 @@ search's scores for every item they can lift (the items whose lists hold a histo
 shortlist is the exact top-n of the collaborative part's linear sum. The tree head (the collaborative part's default
 scorer, which does not factorise at all) and the text part act in the rerank.
 
-Items the tables never saw (new catalogue items; vocab row 0) get a vector from their text; how, and how an index is
+Items the tables hold no event of (new catalogue items) get a vector from their text; how, and how an index is
 built, saved and loaded per version: llmrec_ray/item_index.py. `ItemIndex.add_items` indexes items that appear after
 the index was built through the ItemSource and TextProjection it was given: no retrain.
 
@@ -240,7 +240,7 @@ class ItemIndex:
 
     @property
     def from_text(self) -> np.ndarray:
-        """(N,) bool: True where the vector was computed from the item's text (the tables never saw it)."""
+        """(N,) bool: True where the vector was computed from the item's text (the tables hold no event of it)."""
         return self._cols.from_text
 
     def rows(self, item_ids: Sequence[str]) -> np.ndarray:

@@ -534,8 +534,9 @@ def test_catalogue_items_get_a_row_and_text_vector_before_their_first_event_and_
     with torch.no_grad():
         unknown = HybridScorer(lm, net, vocab).parts(**{k: torch.as_tensor(v) for k, v in enc.items()})[2]
     assert unknown.tolist() == [1.0, 0.0, 1.0]
-    off = load_config(None, ["model.backbone=tiny", "model.collab.text_sims=false"])
-    assert len(collab_tables(None, cand, texts, off.model)[1]) == 5  # no vectors: the catalogue adds no rows
+    for off in ("text_sims", "catalog_rows"):
+        cfg_off = load_config(None, ["model.backbone=tiny", f"model.collab.{off}=false"])
+        assert len(collab_tables(None, cand, texts, cfg_off.model)[1]) == 5  # only the items with events
 
 
 def test_a_tree_head_from_before_the_text_terms_loads_and_scores_as_before(tmp_path):
