@@ -2,10 +2,10 @@
 folder, loaded by Serve with the version.
 
 Items the tables hold no event of (new catalogue items: vocab row 0, or a row with only its text vector) get a
-vector from their text: at build time a ridge
-regression is fitted from frozen text vectors of known items (mean-pooled hidden states of the export's own text
-encoder, each item's text encoded once) to their item vectors, and applied to the unknown ones. `ItemIndex.add_items`
-does the same, through the ItemSource and TextProjection attached here, for items that appear after the build.
+vector from their text: at build time a ridge regression is fitted from frozen text vectors of known items
+(mean-pooled hidden states of the export's own text encoder, each item's text encoded once) to their item vectors,
+and applied to the unknown ones. `ItemIndex.add_items` does the same, through the ItemSource and TextProjection
+attached here, for items that appear after the build.
 
 The index is saved next to a version (`save_index` -> item_index.npz, one atomic file) with the version name and a
 fingerprint of the collaborative tables inside; `load_index` refuses an index of another version or model, so a

@@ -209,6 +209,7 @@ def test_registration_builds_the_versions_item_index(tmp_path):
     lm, tokenizer = build_model(cfg.model)
     known = catalog_ids[: len(catalog_ids) // 2]  # the other half: vectors from text
     model = HybridScorer(lm, CollabNet(len(known), cfg.model.collab.dim), ItemVocab(known))
+    model.collab.item_logcount[1:] = 1.0  # as a fit leaves it: the known half had events
     export = save_export(model, tokenizer, cfg, tmp_path / "export")
     registry = Registry(store)
     name = registry.create_version(export, parent=None, shards=[], before_upload=index_builder(cfg, store))

@@ -64,6 +64,7 @@ def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool
     with torch.no_grad():
         collab.mu.fill_(-2.0 * bias)
         collab.item_bias.weight[1:].fill_(0.3 * bias)
+        collab.item_logcount[1:] = 1.0  # as a fit leaves it: every item had events (else it counts as unknown)
     if head:  # one stump on the history's size: the head (not the linear sum) scores, and swaps with its tables
         collab.head = TreeHead(torch.tensor([[HEAD_FEATURES.index("log_n"), 0, 0]]), torch.tensor([[0.5, 0.0, 0.0]]),
                                torch.tensor([[1, 1, 2]]), torch.tensor([[2, 1, 2]]),
