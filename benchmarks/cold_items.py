@@ -58,7 +58,8 @@ def write_store(cfg, store, weeks: int, holdout: float, seed: int) -> tuple[int,
 
 
 def run(args) -> dict:
-    from llmrec_ray.ingest import item_texts, load_catalog
+    from llmrec_ray.catalog import load_catalog
+    from llmrec_ray.text import candidate_texts
     from llmrec_ray.runtime import configure_environment, ensure_ray
 
     work = Path(args.work)
@@ -68,7 +69,7 @@ def run(args) -> dict:
     store = Store.from_config(cfg.store)
     start, new_items = write_store(cfg, store, args.weeks, args.holdout, args.seed)
     keys, events, examples = prepare(cfg, store, work)
-    texts = {i: t for i, (t, _) in item_texts(load_catalog(store)).items()}  # the catalogue keeps the new items' rows
+    texts = candidate_texts(load_catalog(store))  # the catalogue keeps the new items' rows
     train_events, train_examples = events[events["timestamp"] < start], examples[examples["timestamp"] < start]
     week = examples[examples["timestamp"] >= start]
     seen = set(train_events["item_id"]) | {i for h in train_examples["history_ids"] for i in h}

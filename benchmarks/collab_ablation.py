@@ -18,8 +18,9 @@ import numpy as np
 
 from quality_ml100k import OVERRIDES, classical_scorer, fast_auc, prepare, split, week_bounds  # a script beside it
 from llmrec_ray.config import Config, load_config
-from llmrec_ray.ingest import item_texts, load_catalog
+from llmrec_ray.catalog import load_catalog
 from llmrec_ray.store import Store
+from llmrec_ray.text import candidate_texts
 
 
 def probe_weeks(cfg: Config, keys, events, examples, num_weeks: int, build, label: str) -> float:
@@ -66,7 +67,7 @@ def main() -> None:
         cfg = load_config(None, [*OVERRIDES, f"store.uri={work / 'store'}", *[v for v in variant.split(",") if v]])
         store = Store.from_config(cfg.store)
         keys, events, examples = prepare(cfg, store, work)  # cached per history length
-        texts = {i: t for i, (t, _) in item_texts(load_catalog(store)).items()}  # as a round reads them
+        texts = candidate_texts(load_catalog(store))  # as a round reads them
         weeks = week_bounds(keys, 4)
         ys, ps, started = [], [], time.time()
         for w in range(args.weeks):

@@ -105,9 +105,9 @@ def split(events: pd.DataFrame, examples: pd.DataFrame, start: int, end: int):
 # --- arms -----------------------------------------------------------------------------------------------
 def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.DataFrame, log: pd.DataFrame,
                      cfg: Config, previous=None, texts: Optional[dict] = None):
-    """(scorer(frame) -> probs, state to warm-start the next week). Fitted only on what it is given; `texts` (item_id
-    -> candidate text, catalogue_texts) lets collab give catalogue items their text vector before their first event,
-    as a round does (None: the texts of train_examples' items)."""
+    """(scorer(frame) -> probs, state to warm-start the next week). Fitted only on what it is given; `texts`
+    (llmrec_ray.text.candidate_texts of the catalogue) lets collab give catalogue items their text vector before
+    their first event, as a round does (None: the texts of train_examples' items)."""
     from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity
     from llmrec_ray.collab import fit_collab, predict_logits
     from llmrec_ray.ids import history_arrays
@@ -243,6 +243,7 @@ def run(args) -> dict:
     from llmrec_ray.runtime import configure_environment, ensure_ray
     from llmrec_ray.ingest import item_texts, load_catalog
     from llmrec_ray.store import Store
+    from llmrec_ray.text import candidate_texts
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -251,7 +252,8 @@ def run(args) -> dict:
     state = State(work / "state.json")
     keys, events, examples = prepare(cfg, store, work)
     weeks = week_bounds(keys, args.weeks)
-    texts = item_texts(load_catalog(store))
+    catalog = load_catalog(store)
+    texts, cand_texts = item_texts(catalog), candidate_texts(catalog)
     print(f"sizing: LM rounds at most {args.max_train_rows} new rows (+ replay), full retrain {args.full_train_rows} rows, "
           f"{cfg.model.max_seq_len} tokens, {cfg.data.history_len} history items in the text, "
           f"{cfg.model.collab.history_len} in the collaborative part; HR/NDCG@{cfg.eval.k}: {args.ranked_positives} "
@@ -276,8 +278,7 @@ def run(args) -> dict:
             t0 = time.time()
             info = {}
             if arm in CLASSICAL:
-                scorer, _ = classical_scorer(arm, train_events, train_examples, log, cfg,
-                                             texts={i: t for i, (t, _) in texts.items()})
+                scorer, _ = classical_scorer(arm, train_events, train_examples, log, cfg, texts=cand_texts)
                 info = {"train_rows": len(train_events), "seconds_fit": time.time() - t0}
             else:
                 configure_environment()

@@ -34,6 +34,11 @@ def item_texts(catalog) -> dict[str, tuple[str, str]]:
     return {i: (item_text(t, g, d), t) for i, t, g, d in zip(catalog.index, catalog["title"], catalog["genres"], desc)}
 
 
+def candidate_texts(catalog) -> dict[str, str]:
+    """A catalogue -> item_id -> candidate text (what the collaborative part's text vectors encode)."""
+    return {i: t for i, (t, _) in item_texts(catalog).items()}
+
+
 def history_entry(title: str, rating: Optional[float]) -> str:
     """One past event; a None or NaN rating is an implicit event (click, view)."""
     return title if rating is None or rating != rating else f"{title} rated {rating:g}"

@@ -35,7 +35,7 @@ from llmrec_ray.collab import COLLAB_FILES, fit_collab, load_collab, save_collab
 from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import Config
 from llmrec_ray.model import collab_tables, fit_fusion, fuse, load_export, model_source, write_fusion
-from llmrec_ray.text import item_texts
+from llmrec_ray.text import candidate_texts
 from llmrec_ray.train_worker import MODEL_INPUT_KEYS, key_in, train_func
 
 METRICS_FILE = "train_metrics.json"  # beside the export on the driver
@@ -78,7 +78,7 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
             if all((local / name).exists() for name in COLLAB_FILES):  # else a text-only parent: the tables start fresh
                 previous = load_collab(local)
     frame = ingest.examples_frame(cfg, store, history_keys, catalog_version=catalog_version)
-    texts = {i: t for i, (t, _) in item_texts(load_catalog(store, version=catalog_version)).items()}
+    texts = candidate_texts(load_catalog(store, version=catalog_version))
     net, vocab, encoded = collab_tables(previous, frame["item_id"], texts, cfg.model)
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
