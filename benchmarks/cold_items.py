@@ -11,6 +11,9 @@ learns as if they first appeared in T. Their catalogue rows (title, year, genres
 Each arm learns from the remaining events before T and scores every row of T:
 
   popularity, mf, history_lr, collab   as in the quality benchmark (a new item gets the prior / the user's terms)
+  collab_joined                        collab fitted on a catalogue without the new items, which join it after the
+                                       fit: the tables take their rows the way a Serve replica adds items between
+                                       rounds (model.add_catalog_items); should match collab on the new items
   text                                 the text-only cross-encoder, trained from the backbone on --rows rows
   hybrid[overrides]                    the hybrid trained the same way, once per --hybrid (comma-separated
                                        key=value overrides; "" = the defaults)
@@ -34,7 +37,7 @@ from llmrec_ray.config import load_config
 from llmrec_ray.schema import CATALOG_KEY
 from llmrec_ray.store import Store
 
-CLASSICAL = ("popularity", "mf", "history_lr", "collab")
+CLASSICAL = ("popularity", "mf", "history_lr", "collab", "collab_joined")
 
 
 def write_store(cfg, store, weeks: int, holdout: float, seed: int) -> tuple[int, set[str]]:
@@ -87,7 +90,10 @@ def run(args) -> dict:
             continue
         t0 = time.time()
         info = {}
-        if arm in CLASSICAL:
+        if arm == "collab_joined":
+            at_fit = {i: t for i, t in texts.items() if i not in new_items}
+            scorer, _ = classical_scorer("collab", train_events, train_examples, events, cfg, texts=at_fit, joined=texts)
+        elif arm in CLASSICAL:
             scorer, _ = classical_scorer(arm, train_events, train_examples, events, cfg, texts=texts)
         else:
             configure_environment()

@@ -104,14 +104,16 @@ def split(events: pd.DataFrame, examples: pd.DataFrame, start: int, end: int):
 
 # --- arms -----------------------------------------------------------------------------------------------
 def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.DataFrame, log: pd.DataFrame,
-                     cfg: Config, previous=None, texts: Optional[dict] = None):
+                     cfg: Config, previous=None, texts: Optional[dict] = None, joined: Optional[dict] = None):
     """(scorer(frame) -> probs, state to warm-start the next week). Fitted only on what it is given; `texts`
     (llmrec_ray.text.candidate_texts of the catalogue) lets collab give catalogue items their text vector before
-    their first event, as a round does (None: the texts of train_examples' items)."""
+    their first event, as a round does (None: the texts of train_examples' items). `joined`: the catalogue's texts
+    when scoring; collab adds its items the fit did not have, as a Serve replica does between rounds
+    (model.add_catalog_items)."""
     from llmrec_ray.baselines import BiasedMF, HistoryLogistic, Popularity
     from llmrec_ray.collab import fit_collab, predict_logits
     from llmrec_ray.ids import history_arrays
-    from llmrec_ray.model import collab_tables
+    from llmrec_ray.model import add_catalog_items, collab_tables
 
     if arm == "popularity":
         m = Popularity().fit(train_events)
@@ -134,6 +136,9 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
 
         fit_collab(net, vocab.rows(train_examples["item_id"].tolist()), hist(train_examples),
                    train_examples["label"].to_numpy(), users=train_examples["user_id"].to_numpy(), **c.fit_kwargs())
+        grown = add_catalog_items(net, vocab, joined, cfg.model) if joined is not None else None
+        if grown is not None:
+            net, vocab = grown  # hist() reads the grown vocab
         return (lambda f: 1 / (1 + np.exp(-predict_logits(net, vocab.rows(f["item_id"].tolist()), hist(f))))), (net, vocab)
     raise ValueError(arm)
 

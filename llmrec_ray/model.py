@@ -258,6 +258,31 @@ def collab_tables(previous: Optional[tuple[CollabNet, ItemVocab]], item_ids: Seq
     return net, vocab, fill_text_vectors(net, vocab, texts, cfg)
 
 
+def add_catalog_items(net: CollabNet, vocab: ItemVocab, texts: Mapping[str, str],
+                      cfg: ModelConfig) -> Optional[tuple[CollabNet, ItemVocab]]:
+    """Between rounds: (a grown copy of the tables, its vocab) with a row and a text vector for each catalogue item
+    (`texts`: item_id -> candidate text) they lack, or None when there is none to add (or the tables keep no text
+    vectors, or model.collab.catalog_rows is off). The rows are what the next round's collab_tables gives an item
+    without events (collab.CollabNet.grown): it counts as unknown in the fusion, and the tree head compares its text
+    with the history's from the moment it is in the catalogue, not from the next round on. `net` is unchanged."""
+    if net.text_dim == 0 or not cfg.collab.catalog_rows:
+        return None
+    new = [i for i in texts if i not in vocab.index]
+    if not new:
+        return None
+    grown, grown_vocab = warm_start((net, vocab), new, net.dim, net.neighbours, net.text_dim)  # the tables' sizes
+    fill_text_vectors(grown, grown_vocab, {i: texts[i] for i in new}, cfg)
+    return grown, grown_vocab
+
+
+def grow_catalog(model: HybridScorer, texts: Mapping[str, str], cfg: ModelConfig) -> Optional[HybridScorer]:
+    """`model` with add_catalog_items' rows, or None when there are none: a new scorer whose text part and fusion are
+    `model`'s (shared, read-only) and whose tables are the grown copy. `model` is unchanged, so a Serve replica swaps
+    the new one in as one reference (serve/reload.py)."""
+    grown = add_catalog_items(model.collab, model.vocab, texts, cfg) if model.is_hybrid else None
+    return None if grown is None else HybridScorer(model.lm, *grown, model.fusion_weights()).eval()
+
+
 def apply_lora(model, cfg: ModelConfig):
     """Wrap with peft LoRA adapters; the classifier head stays fully trainable."""
     if not cfg.lora.enabled:

@@ -539,6 +539,54 @@ def test_catalogue_items_get_a_row_and_text_vector_before_their_first_event_and_
         assert len(collab_tables(None, cand, texts, cfg_off.model)[1]) == 5  # only the items with events
 
 
+def test_a_catalogue_item_added_between_rounds_gets_the_row_a_round_would_give_it(cfg):
+    """model.grow_catalog (what a Serve replica runs when the catalogue grows): tables fitted without a catalogue item,
+    then grown by it, hold for it what a fit that had it in the catalogue holds -- an event-less item's statistics
+    and its text vector -- so the tree head reads the same features for it; the served model is left unchanged."""
+    from llmrec_ray.model import collab_tables, grow_catalog
+
+    rng = np.random.default_rng(1)
+    titles = ["Toy Story (1995) | Animation", "Toy Story 2 (1999) | Animation", "Heat (1995) | Action, Crime",
+              "Casino (1995) | Drama", "Babe (1995) | Children's", "Toy Story 3 (2010) | Animation"]
+    texts = {f"i{k}": t for k, t in enumerate(titles)}
+    seen_ids = [f"i{k}" for k in range(5)]  # i5 joins the catalogue after the round
+    n = 2000
+    cand = rng.choice(seen_ids, n)
+    hist_ids = [list(rng.choice(seen_ids, 3)) for _ in range(n)]
+    ratings = [list(rng.integers(1, 6, 3).astype(float)) for _ in range(n)]
+    labels = rng.integers(0, 2, n)
+
+    def fit(catalogue):
+        net, vocab, _ = collab_tables(None, cand, catalogue, cfg.model)
+        hist = history_arrays(vocab, hist_ids, ratings, [[] for _ in range(n)], 3, 4.0)
+        fit_collab(net, vocab.rows(list(cand)), hist, labels, users=np.arange(n) % 40, epochs=2, head_fraction=0.5,
+                   head_trees=10, head_leaves=4)
+        return net, vocab
+
+    at_round, vocab_r = fit(texts)
+    lm, _ = build_model(cfg.model)
+    served = HybridScorer(lm, *fit({i: texts[i] for i in seen_ids}), [0.5, 0.1, -0.2, 0.3])
+    assert "i5" not in served.vocab.index
+    grown = grow_catalog(served, texts, cfg.model)
+    assert grown.vocab.ids == [*served.vocab.ids, "i5"] and len(served.vocab) == 5  # the served one is unchanged
+    assert grown.lm is served.lm and grown.fusion_weights() == pytest.approx(served.fusion_weights())
+    new_r, new_g = vocab_r.index["i5"], grown.vocab.index["i5"]
+    for name in ("item_mean", "item_like_rate", "item_std", "item_logcount", "item_rating", "nbr_rows", "item_text"):
+        torch.testing.assert_close(getattr(grown.collab, name)[new_g], getattr(at_round, name)[new_r], msg=name)
+    assert not bool(grown.collab.seen(torch.tensor([new_g])))  # unknown in the fusion, as at round time
+    hist = [["i0", "i1", "i2"], ["i2", "i3"]]
+    t_r = batch_tensors(np.array([new_r, new_r]), history_arrays(vocab_r, hist, [[5.0, 4.0, 1.0], [2.0, 5.0]], [[], []], 3, 4.0))
+    t_g = batch_tensors(np.array([new_g, new_g]), history_arrays(grown.vocab, hist, [[5.0, 4.0, 1.0], [2.0, 5.0]], [[], []], 3, 4.0))
+    with torch.no_grad():
+        f_r, f_g = at_round.head_features(**t_r), grown.collab.head_features(**t_g)
+        served_f = served.collab.head_features(**{**t_g, "cand_rows": torch.zeros(2, dtype=torch.long)})  # i5: unknown
+    torch.testing.assert_close(f_g, f_r)
+    assert f_g[:, -NUM_TEXT_FEATURES:].abs().sum() > 0 and (served_f[:, -NUM_TEXT_FEATURES:] == 0).all()
+    assert grow_catalog(grown, texts, cfg.model) is None  # nothing left to add
+    off = load_config(None, ["model.backbone=tiny", "model.collab.catalog_rows=false"])
+    assert grow_catalog(served, texts, off.model) is None
+
+
 def test_a_tree_head_from_before_the_text_terms_loads_and_scores_as_before(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -48,19 +48,25 @@ def _write_catalog(store):
     store.write_bytes(CATALOG_KEY, buf.getvalue().to_pybytes())
 
 
-def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool = False, head: bool = True):
+def _write_export(store, cfg, version: str, bias: float, tmp_path, corrupt: bool = False, head: bool = True,
+                  text: bool = False):
     """A hybrid export (text part + tables and a tree head over the catalogue's 30 items) whose parts all depend on
-    `bias`, so a response computed from the text part of one version and the tables of another is recognisable."""
+    `bias`, so a response computed from the text part of one version and the tables of another is recognisable.
+    text=True: the tables hold the catalogue's text vectors (what makes a version grow with the catalogue)."""
     import torch
 
+    from llmrec_ray.catalog import load_catalog
     from llmrec_ray.collab import HEAD_FEATURES, CollabNet, TreeHead
     from llmrec_ray.ids import ItemVocab
-    from llmrec_ray.model import HybridScorer, build_model, save_export
+    from llmrec_ray.model import HybridScorer, build_model, fill_text_vectors, save_export, text_vector_dim
+    from llmrec_ray.text import candidate_texts
 
     lm, tok = build_model(cfg.model)
     with torch.no_grad():
         lm.classifier.bias.fill_(bias)
-    collab = CollabNet(30, cfg.model.collab.dim)
+    collab = CollabNet(30, cfg.model.collab.dim, text_dim=text_vector_dim(cfg.model) if text else 0)
+    if text:
+        fill_text_vectors(collab, ItemVocab(str(i) for i in range(1, 31)), candidate_texts(load_catalog(store)), cfg.model)
     with torch.no_grad():
         collab.mu.fill_(-2.0 * bias)
         collab.item_bias.weight[1:].fill_(0.3 * bias)
@@ -772,7 +778,8 @@ def test_recommend_in_two_stages_with_the_versions_own_index(serve_env):
 def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_path):
     """A catalogue update while Serve runs: an item no model saw (new id, new title) is a 422 before it and answered
     200, scored from its text, after it, with no reload and no failed request across the swap; the Scorer's item index
-    grows to hold it, so /v1/recommend's retrieval stage ranks it by its text vector."""
+    grows to hold it, so /v1/recommend's retrieval stage ranks it by its text vector, and so do its collaborative
+    tables (a row and a text vector, swapped in as a new reference while a client keeps scoring)."""
     import pandas as pd
     from ray import serve
 
@@ -793,7 +800,7 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
     _write_catalog(store)
     # no tree head: the check below reads the answer off the index's linear top-1 (the head's shortlist:
     # tests/test_retrieval.py)
-    export = _write_export(store, cfg, "v0001", -1.0, tmp_path, head=False)
+    export = _write_export(store, cfg, "v0001", -1.0, tmp_path, head=False, text=True)  # its tables grow too
     index_builder(cfg, store)(export, "v0001")
     store.upload_dir(export, model_prefix("v0001"))
     _promote(store, "v0001", ["v0001"])
@@ -804,7 +811,8 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
         r = _post(url, "/v1/score", {"history": [], "candidates": ["n1"]})
         assert r.status_code == 422 and "unknown item id 'n1'" in r.json()["error"], r.text
         info = requests.get(url + "/v1/model", timeout=10).json()
-        assert (info["catalog_version"], info["index_catalog_version"], info["index_items"]) == ("base", "base", 30), info
+        assert (info["catalog_version"], info["index_catalog_version"], info["index_items"], info["table_items"]) == (
+            "base", "base", 30, 30), info
 
         # (c) a client scores known items all along, across the catalogue swap in the Api and the index growth
         stop, codes = threading.Event(), []
@@ -839,7 +847,7 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
             thread.join(60)
         assert before > 0 and len(codes) > before + 5, (before, len(codes))
         assert set(codes) == {200}, Counter(codes)
-        assert info["catalog_version"] == key and info["index_items"] == 31, info
+        assert info["catalog_version"] == key and info["index_items"] == 31 and info["table_items"] == 31, info
         assert info["reloads"] == 1 and info["version"] == "v0001", info  # grown in place: no model reload
 
         # (b) the whole pool ranks it
@@ -878,10 +886,70 @@ def test_serve_scores_a_new_catalogue_item_added_after_startup(serve_env, tmp_pa
         # ... and the pollers, still alive, take it once it is readable
         store.write_bytes(bad, catalog_bytes(pd.DataFrame([{**new, "item_id": "n2", "title": "Vrok (2032)"}])))
         info = _wait_info(url, lambda i: i["catalog_version"] == bad and i["index_catalog_version"] == bad)
-        assert info["index_items"] == 32, info
+        assert info["index_items"] == 32 and info["table_items"] == 32, info
         assert _post(url, "/v1/score", {"history": ["1"], "candidates": ["n2"]}).status_code == 200
     finally:
         serve.delete(APP_NAME)
+
+
+def test_a_replica_gives_a_new_catalogue_item_a_table_row_on_the_next_poll_without_a_reload(tmp_path):
+    """Reloader, no Ray: an item added to the catalogue after the version was trained gets a row and its text vector
+    in the served tables (model.grow_catalog) when the catalogue version changes -- a new reference with the same
+    version and text part; the one it replaces is unchanged, so a batch holding it scores as before. The tree head
+    then compares the new item's text with the history's: here a stump on text_max_liked moves its logit by 2."""
+    import math
+
+    import pandas as pd
+    import torch
+
+    from llmrec_ray.catalog import write_catalog
+    from llmrec_ray.collab import HEAD_FEATURES, TreeHead
+    from llmrec_ray.config import load_config
+    from llmrec_ray.registry import Registry
+    from llmrec_ray.serve.inference import score_items
+    from llmrec_ray.serve.reload import Reloader
+    from llmrec_ray.model import load_export, save_export
+    from llmrec_ray.serve.schemas import ScoreItem
+    from llmrec_ray.store import Store
+
+    cfg = load_config(None, ["model.backbone=tiny", "model.max_seq_len=32", "model.collab.dim=4",
+                             f"store.uri=file://{tmp_path / 'store'}"])
+    store = Store.from_config(cfg.store)
+    _write_catalog(store)
+    export = _write_export(store, cfg, "v0001", 0.5, tmp_path, head=False, text=True)
+    model, tok, mcfg = load_export(export)  # a head on the text evidence: +1 when a liked history item reads alike
+    model.collab.head = TreeHead(torch.tensor([[HEAD_FEATURES.index("text_max_liked"), 0, 0]]),
+                                 torch.tensor([[0.05, 0.0, 0.0]]), torch.tensor([[1, 1, 2]]), torch.tensor([[2, 1, 2]]),
+                                 torch.tensor([[0.0, -1.0, 1.0]], dtype=torch.float64), len(HEAD_FEATURES))
+    store.upload_dir(save_export(model, tok, mcfg, tmp_path / "exports" / "v0001"), model_prefix("v0001"))
+    _promote(store, "v0001", ["v0001"])
+    reloader = Reloader(cfg, Registry(store), tmp_path / "cache")
+    try:
+        reloader.poll_once()
+        before = reloader.state
+        info = reloader.info()
+        assert (info["version"], info["table_items"], info["index_catalog_version"]) == ("v0001", 30, "base"), info
+        item = ScoreItem(["Qwzx Blorp (2031) | Comedy"], "Movie 1 (1991) rated 5", ["n1"], ["1"], [5.0])
+        p_before = score_items(before, [item], cfg.serve)[0]["probs"][0]
+        reloader.follow_catalog()
+        assert reloader.state is before  # the catalogue did not change: nothing to grow
+
+        new = {"item_id": "n1", "title": "Qwzx Blorp (2031)", "genres": "Comedy", "description": None}
+        key = write_catalog(store, pd.DataFrame([new])).key
+        reloader.follow_catalog()
+        after = reloader.state
+        info = reloader.info()
+        assert after is not before and after.version == "v0001" and after.model.lm is before.model.lm
+        assert (info["table_items"], info["index_catalog_version"], info["reloads"]) == (31, key, 1), info
+        assert "n1" in after.model.vocab.index and "n1" not in before.model.vocab.index
+        row = after.model.vocab.index["n1"]
+        assert float(after.model.collab.item_text[row].norm()) == pytest.approx(1.0, abs=1e-5)
+        assert score_items(before, [item], cfg.serve)[0]["probs"][0] == p_before  # the old reference: as before
+        p_after = score_items(after, [item], cfg.serve)[0]["probs"][0]
+        logit = lambda p: math.log(p / (1 - p))  # noqa: E731
+        assert logit(p_after) - logit(p_before) == pytest.approx(2.0, abs=1e-4)  # the head now reads n1's text
+    finally:
+        reloader.close()
 
 
 def test_catalog_reads_a_catalogue_version_and_pollers_survive_a_failing_step(tmp_path):

@@ -24,8 +24,8 @@ which is promoted and, when they differ, why.
 
 Catalogue updates (llmrec_ray/catalog.py) need no reload: on the same interval the Api swaps in the newest catalogue
 (api.py), so a new item is answerable (scored from its text) from the moment it is in the catalogue, and each Scorer
-replica adds the items its version's item index lacks (reload.py). GET /v1/model says which catalogue version each
-follows (catalog_version, index_catalog_version).
+replica adds the items its version lacks to its item index and its collaborative tables (a row and a text vector,
+reload.py). GET /v1/model says which catalogue version each follows (catalog_version, index_catalog_version).
 
 Modules: schemas (bodies), guard (middleware, error answers), resolve (request -> Scorer input), api (routes),
 inference (load, encode, forward), reload (pointer following), scorer (deployment), metrics, app (build and run).

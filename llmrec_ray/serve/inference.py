@@ -83,6 +83,27 @@ def grow_index(index, catalog) -> list[str]:
     return index.add_items(new, [texts[i][0] for i in new], rows["genres"].tolist())
 
 
+def follows_catalog(state: Loaded) -> bool:
+    """Does the served version grow with the catalogue: an item index, or tables that give catalogue items rows?"""
+    m = state.model
+    return state.index is not None or (m.is_hybrid and m.collab.text_dim > 0 and state.cfg.model.collab.catalog_rows)
+
+
+def grow_tables(state: Loaded, catalog) -> Optional[Loaded]:
+    """`state` with a row and a text vector in its collaborative tables for each item of `catalog` they lack
+    (model.grow_catalog: what the next round would give an item without events), warmed up; None when there is none
+    to add. `state` itself is unchanged: the caller swaps the new one in as one reference."""
+    from llmrec_ray.model import grow_catalog
+    from llmrec_ray.text import candidate_texts
+
+    model = grow_catalog(state.model, candidate_texts(catalog), state.cfg.model)
+    if model is None:
+        return None
+    grown = dataclasses.replace(state, model=model)
+    warm_up(grown)
+    return grown
+
+
 def shortlist(state: Loaded, item: ScoreItem) -> ScoreItem:
     """The retrieval stage: the request cut to the `item.shortlist` candidates the version's item index ranks best
     (llmrec_ray/retrieval.py shortlist_ids: the collaborative part's ranking -- the index's inner product plus the

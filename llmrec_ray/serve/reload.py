@@ -7,9 +7,11 @@ again (re-promoted after a repair: the pointer's etag changes), else after serve
 serve.reload_backoff_max_s.
 
 The catalogue grows without a reload: after each load, and whenever the catalogue version changes (same poll), the
-served version's item index adds the items it lacks (inference.grow_index), off the request path. A failed growth is
-logged and the index keeps serving as it is (a candidate it lacks still goes to the scorer, which reads its text);
-the next poll tries again.
+served version takes the items it lacks, off the request path. Its collaborative tables get a row and a text vector
+for each (inference.grow_tables, the same rows the next round would give them: the tree head compares a new item's
+text with the history's from the moment it is in the catalogue), swapped in as one new reference; its item index adds
+them in place (inference.grow_index). A failed growth is logged and the version keeps serving as it is (a new item
+is still scored, from its text by the text part); the next poll tries again.
 """
 
 import logging
@@ -23,7 +25,7 @@ from typing import Callable, Optional, Sequence
 from llmrec_ray.catalog import catalog_version, load_catalog
 from llmrec_ray.config import Config
 from llmrec_ray.registry import PROMOTED_KEY, Registry, model_prefix
-from llmrec_ray.serve.inference import Loaded, grow_index, load_version, warm_up
+from llmrec_ray.serve.inference import Loaded, follows_catalog, grow_index, grow_tables, load_version, warm_up
 from llmrec_ray.serve.resolve import TEXT_COLUMNS
 
 log = logging.getLogger("llmrec.serve")
@@ -72,7 +74,7 @@ class Reloader:
         self.pointer_error: Optional[str] = None  # why the pointer could not be read, if it could not
         self.lineage: list[str] = []
         self.loaded_at: Optional[float] = None
-        self.index_catalog: Optional[str] = None  # the catalogue version state.index holds every item of (None: not yet)
+        self.grown_catalog: Optional[str] = None  # the catalogue version `state` holds every item of (None: not yet)
 
     def close(self) -> None:
         """Stop polling and delete the downloaded versions (after a download in progress, for at most 10 s)."""
@@ -102,8 +104,8 @@ class Reloader:
             except Exception as exc:  # refused: the old model keeps serving
                 self._refuse(version, pointer, cur, exc)
                 return False
-            index_catalog = self._grow_index(state)  # the catalogue may have grown since the version was registered
-            self.state, self.index_catalog = state, index_catalog  # the swap: one reference (the second is for info)
+            state, grown_catalog = self._grow(state)  # the catalogue may have grown since the version was registered
+            self.state, self.grown_catalog = state, grown_catalog  # the swap: one reference (the second is for info)
             self.reloads += 1
             self.lineage, self.loaded_at, self.last_error = lineage, time.time(), None
             if self.refused and self.refused["version"] == version:
@@ -147,39 +149,44 @@ class Reloader:
             return  # refused: tried again once re-promoted (the pointer is rewritten) or after the backoff
         self._try_load(version, ptr.get("model_prefix") or model_prefix(version), list(ptr.get("history") or []), pointer)
 
-    def _grow_index(self, state: Loaded) -> Optional[str]:
-        """Add the catalogue's items that `state.index` lacks; the catalogue version it now holds, or None (no index,
-        no catalogue, or a failure: logged, the index keeps serving as it is). Under self._lock: add_items takes one
-        thread at a time."""
-        if state.index is None:
-            return None
+    def _grow(self, state: Loaded) -> tuple[Loaded, Optional[str]]:
+        """(the state to serve, the catalogue version it holds every item of): `state` with the catalogue's items it
+        lacks added to its item index (in place) and to its tables (a new Loaded). On a failure, or without a
+        catalogue or anything to grow: (`state` as far as it got, None) -- logged, the next poll tries again. Under
+        self._lock: add_items takes one thread at a time."""
         store = self.registry.store
+        if not follows_catalog(state):
+            return state, None
         try:
             version = catalog_version(store)
             if version is None:
-                return None
+                return state, None
             t0 = time.time()
-            added = grow_index(state.index, load_catalog(store, TEXT_COLUMNS, version))
-        except Exception:  # the index keeps serving; the next poll tries again
-            log.exception("llmrec serve: could not add the catalogue's new items to the item index of %s (it keeps "
-                          "serving its %d items)", state.version, len(state.index))
-            return None
-        if added:
-            log.info("llmrec serve: item index of %s: %d new item(s) added at catalogue version %s (%.2f s)",
-                     state.version, len(added), version, time.time() - t0)
-        return version
+            catalog = load_catalog(store, TEXT_COLUMNS, version)
+            indexed = grow_index(state.index, catalog) if state.index is not None else []
+            grown = grow_tables(state, catalog)
+        except Exception:  # the version keeps serving as it is; the next poll tries again
+            log.exception("llmrec serve: could not add the catalogue's new items to %s (it keeps serving its %s items)",
+                          state.version, len(state.model.vocab) if state.model.is_hybrid else "indexed")
+            return state, None
+        if indexed or grown:
+            log.info("llmrec serve: %s: %d new item(s) in its item index, %d in its tables at catalogue version %s "
+                     "(%.2f s)", state.version, len(indexed),
+                     len(grown.model.vocab) - len(state.model.vocab) if grown else 0, version, time.time() - t0)
+        return grown or state, version
 
     def follow_catalog(self) -> None:
-        """Grow the served index when the catalogue version changed since it was last grown (one listing when not)."""
+        """Grow the served version when the catalogue version changed since it was last grown (one listing when not)."""
         state = self.state
-        if state is None or state.index is None or catalog_version(self.registry.store) == self.index_catalog:
+        if state is None or not follows_catalog(state) or catalog_version(self.registry.store) == self.grown_catalog:
             return
         with self._lock:
             if self.state is not state or self._stop.is_set():  # a new version was loaded (and grown) meanwhile
                 return
-            grown = self._grow_index(state)
-            if grown is not None:  # else it failed (logged): the index still holds index_catalog; next poll retries
-                self.index_catalog = grown
+            grown, version = self._grow(state)
+            self.state = grown  # one reference: a batch reads the old version or the grown one, whole
+            if version is not None:  # else it failed (logged): the state holds grown_catalog; next poll retries
+                self.grown_catalog = version
 
     def poll_forever(self) -> None:
         """poll_once and follow_catalog every serve.poll_interval_s until close()."""
@@ -205,7 +212,9 @@ class Reloader:
                 "pinned_version": self.pinned, "lineage": self.lineage, "loaded_at": self.loaded_at,
                 "promoted_checked_at": self.promoted_checked_at, "reloads": self.reloads,
                 "failed_loads": self.failed_loads, "last_load_error": self.last_error,
-                "index_items": None if index is None else len(index), "index_catalog_version": self.index_catalog}
+                "index_items": None if index is None else len(index),
+                "table_items": len(state.model.vocab) if state and state.model.is_hybrid else None,
+                "index_catalog_version": self.grown_catalog}
 
     def _reason(self, served: Optional[str]) -> Optional[str]:
         """Why the served version is not the promoted one, in one line (None: they agree)."""

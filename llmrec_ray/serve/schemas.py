@@ -157,8 +157,11 @@ class ModelInfo(BaseModel):
     catalog_version: Optional[str] = Field(description="the catalogue version item ids are resolved against (the "
                                            "ingress follows the store's newest every serve.poll_interval_s)")
     index_items: Optional[int] = Field(description="items in the served version's item index (null: no index)")
-    index_catalog_version: Optional[str] = Field(description="the catalogue version whose every item the index holds "
-                                                 "(null: no index, or not grown yet); items it lacks are scored from text")
+    table_items: Optional[int] = Field(default=None, description="items with a row in the served version's "
+                                       "collaborative tables, catalogue items without events included (null: text only)")
+    index_catalog_version: Optional[str] = Field(description="the catalogue version whose every item the served "
+                                                 "version's index and tables hold (null: neither grows with the "
+                                                 "catalogue, or not grown yet); items they lack are scored from text")
 
 
 class Health(BaseModel):
