@@ -14,6 +14,8 @@ Each arm learns from the remaining events before T and scores every row of T:
   collab_joined                        collab fitted on a catalogue without the new items, which join it after the
                                        fit: the tables take their rows the way a Serve replica adds items between
                                        rounds (model.add_catalog_items); should match collab on the new items
+  collab_unjoined                      the same fit, the new items never added: what a replica served for an item
+                                       that joined the catalogue between rounds before it grew its tables
   text                                 the text-only cross-encoder, trained from the backbone on --rows rows
   hybrid[overrides]                    the hybrid trained the same way, once per --hybrid (comma-separated
                                        key=value overrides; "" = the defaults)
@@ -37,7 +39,7 @@ from llmrec_ray.config import load_config
 from llmrec_ray.schema import CATALOG_KEY
 from llmrec_ray.store import Store
 
-CLASSICAL = ("popularity", "mf", "history_lr", "collab", "collab_joined")
+CLASSICAL = ("popularity", "mf", "history_lr", "collab", "collab_joined", "collab_unjoined")
 
 
 def write_store(cfg, store, weeks: int, holdout: float, seed: int) -> tuple[int, set[str]]:
@@ -90,9 +92,10 @@ def run(args) -> dict:
             continue
         t0 = time.time()
         info = {}
-        if arm == "collab_joined":
+        if arm in ("collab_joined", "collab_unjoined"):
             at_fit = {i: t for i, t in texts.items() if i not in new_items}
-            scorer, _ = classical_scorer("collab", train_events, train_examples, events, cfg, texts=at_fit, joined=texts)
+            scorer, _ = classical_scorer("collab", train_events, train_examples, events, cfg, texts=at_fit,
+                                         joined=texts if arm == "collab_joined" else None)
         elif arm in CLASSICAL:
             scorer, _ = classical_scorer(arm, train_events, train_examples, events, cfg, texts=texts)
         else:
