@@ -53,8 +53,8 @@ def main() -> None:
     dim = text_vector_dim(cfg.model)
     net = CollabNet(args.items, c.dim, neighbours=c.neighbours, text_dim=dim)
     with torch.no_grad():
-        net.item_text.copy_(torch.nn.functional.normalize(torch.randn(args.items + 1, dim), dim=-1))
-        net.item_logcount.fill_(1.0)
+        net.item_text[1:] = torch.nn.functional.normalize(torch.randn(args.items, dim), dim=-1)  # row 0: none
+        net.item_logcount[1:] = 1.0
     vocab = ItemVocab(f"p{i}" for i in range(args.items))
     lm, _ = build_model(cfg.model)
     served = HybridScorer(lm, net, vocab).eval()

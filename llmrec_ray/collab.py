@@ -243,16 +243,17 @@ class CollabNet(nn.Module):
             self.item_text[torch.as_tensor(rows, dtype=torch.long)] = vectors.to(self.item_text.dtype)
 
     def grown(self, num_items: int, neighbours: Optional[int] = None, text_dim: Optional[int] = None) -> "CollabNet":
-        """A copy with tables for `num_items` ids: old rows kept; new rows start at zero in the learned tables and
-        with row 0's statistics (the unknown item's: those of an item without events, no neighbours, no text vector)
-        in the buffers -- what a fit gives a catalogue item without events, so a copy grown between rounds
-        (model.grow_catalog) scores a new item like a round would.
+        """A copy with tables for `num_items` ids: old rows kept; new rows start with zero tables, no neighbours, no
+        text vector, and row 0's statistics (the unknown item's: those of an item without events) -- what a fit
+        gives a catalogue item without events, so a copy grown between rounds (model.grow_catalog) scores a new item
+        like a round would.
         `neighbours`: the new list length (the lists are recomputed by every fit; None keeps this one's); `text_dim`:
         the text vectors' size (None keeps this one's; another size starts every row without a vector)."""
         assert num_items >= self.num_items, (num_items, self.num_items)
         neighbours = self.neighbours if neighbours is None else neighbours
         out = CollabNet(num_items, self.dim, neighbours=neighbours, text_dim=self.text_dim if text_dim is None else text_dim)
-        state, buffers = self.state_dict(), dict(self.named_buffers())
+        state = self.state_dict()
+        statistics = ("item_rating", "item_logcount", "item_like_rate", "item_mean", "item_std")
         with torch.no_grad():
             for name, tensor in out.state_dict().items():
                 old = state[name]
@@ -260,8 +261,8 @@ class CollabNet(nn.Module):
                     tensor.copy_(old)
                 elif tensor.shape[1:] != old.shape[1:]:  # neighbour lists or text vectors of another size
                     tensor.zero_()
-                else:  # per item: the known rows, then zeros (tables) or row 0's statistics (buffers)
-                    tensor.copy_(old[UNKNOWN].expand_as(tensor) if name in buffers else torch.zeros_like(tensor))
+                else:  # per item: the known rows, then row 0's statistics, or zeros (tables, neighbours, text)
+                    tensor.copy_(old[UNKNOWN].expand_as(tensor) if name in statistics else torch.zeros_like(tensor))
                     tensor[: old.shape[0]].copy_(old)
         out.head = self.head  # read-only; every fit replaces it
         return out
