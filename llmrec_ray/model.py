@@ -258,6 +258,11 @@ def collab_tables(previous: Optional[tuple[CollabNet, ItemVocab]], item_ids: Seq
     return net, vocab, fill_text_vectors(net, vocab, texts, cfg)
 
 
+def grows_with_catalog(net: CollabNet, cfg: ModelConfig) -> bool:
+    """Do these tables take rows for catalogue items without events: text vectors kept, model.collab.catalog_rows on."""
+    return net.text_dim > 0 and cfg.collab.catalog_rows
+
+
 def add_catalog_items(net: CollabNet, vocab: ItemVocab, texts: Mapping[str, str],
                       cfg: ModelConfig) -> Optional[tuple[CollabNet, ItemVocab]]:
     """Between rounds: (a grown copy of the tables, its vocab) with a row and a text vector for each catalogue item
@@ -265,7 +270,7 @@ def add_catalog_items(net: CollabNet, vocab: ItemVocab, texts: Mapping[str, str]
     vectors, or model.collab.catalog_rows is off). The rows are what the next round's collab_tables gives an item
     without events (collab.CollabNet.grown): it counts as unknown in the fusion, and the tree head compares its text
     with the history's from the moment it is in the catalogue, not from the next round on. `net` is unchanged."""
-    if net.text_dim == 0 or not cfg.collab.catalog_rows:
+    if not grows_with_catalog(net, cfg):
         return None
     new = [i for i in texts if i not in vocab.index]
     if not new:

@@ -85,8 +85,10 @@ def grow_index(index, catalog) -> list[str]:
 
 def follows_catalog(state: Loaded) -> bool:
     """Does the served version grow with the catalogue: an item index, or tables that give catalogue items rows?"""
+    from llmrec_ray.model import grows_with_catalog
+
     m = state.model
-    return state.index is not None or (m.is_hybrid and m.collab.text_dim > 0 and state.cfg.model.collab.catalog_rows)
+    return state.index is not None or (m.is_hybrid and grows_with_catalog(m.collab, state.cfg.model))
 
 
 def grow_tables(state: Loaded, catalog) -> Optional[Loaded]:
@@ -96,7 +98,11 @@ def grow_tables(state: Loaded, catalog) -> Optional[Loaded]:
     from llmrec_ray.model import grow_catalog
     from llmrec_ray.text import candidate_texts
 
-    model = grow_catalog(state.model, candidate_texts(catalog), state.cfg.model)
+    vocab = state.model.vocab
+    new = [i for i in map(str, catalog.index) if vocab is None or i not in vocab.index]
+    if not new:  # the usual case: no texts built for a catalogue the tables hold already
+        return None
+    model = grow_catalog(state.model, candidate_texts(catalog.loc[new]), state.cfg.model)
     if model is None:
         return None
     grown = dataclasses.replace(state, model=model)
