@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -68,23 +67,20 @@ def train_model(cfg, store, state: State, name: str, targets: list[str], older: 
     """Train one model (unless state has it) and upload its export to study/models/<name> in the store."""
     if name in state.data["models"]:
         return
-    from llmrec_ray import ingest
-    from llmrec_ray.model import model_source
-    from llmrec_ray.train import run_training
+    from llmrec_ray.train import train_candidate
 
     init_uri = store.key_uri(f"study/models/{init}") if init else None
     print(f"== train {name}: {len(targets)} shards ({period_of_key(targets[0])}..{period_of_key(targets[-1])}) "
           f"from {init or 'the pretrained backbone'}")
-    started = time.time()
-    ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=older if init else ())
-    train_ds, val_ds = ingest.split_by_time(ingest.tokenize(ds, cfg, model_source(cfg.model)), cfg.data.val_fraction)
-    result = run_training(cfg, train_ds, val_ds, init_uri, f"study-{name}-{int(started)}", store)
+    started = time.time()  # the round's recipe: the collaborative stage (hybrid), then Ray Train + DeepSpeed
+    result = train_candidate(cfg, store, targets, older, older if init else [], init_uri, f"study-{name}-{int(started)}")
     wall = time.time() - started
     store.upload_dir(result.export_dir, f"study/models/{name}")
-    shutil.rmtree(Path(result.export_dir).parent, ignore_errors=True)
+    result.discard()
     m = result.metrics
     state.data["models"][name] = {"init": init, "shards": targets, "wall_seconds": round(wall, 1),
                                   "train_seconds": round(float(m.get("train_seconds", 0.0)), 1),
+                                  "collab_seconds": round(float(m.get("collab_seconds", 0.0)), 1),
                                   "num_train_rows": int(m.get("num_train_rows", 0)), "steps": m.get("steps"),
                                   "early_stopped": m.get("early_stopped"), "best_val_loss": m.get("best_val_loss"),
                                   "samples_per_s": m.get("samples_per_s_per_worker")}

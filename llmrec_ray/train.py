@@ -17,7 +17,6 @@ resumes from the round's last reported checkpoint, which holds the full DeepSpee
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -38,7 +37,6 @@ from llmrec_ray.model import collab_tables, fit_fusion, fuse, load_export, model
 from llmrec_ray.text import candidate_texts
 from llmrec_ray.train_worker import MODEL_INPUT_KEYS, key_in, train_func
 
-METRICS_FILE = "train_metrics.json"  # beside the export on the driver
 FUSION_MAX_ROWS = 20_000  # validation rows the fusion weights are fitted on, at most
 
 
@@ -114,7 +112,6 @@ def train_candidate(cfg: Config, store, targets: list[str], older: list[str], re
                           extra_metrics=stage.report if stage else None)
     if stage:  # prior: the promoted version's fusion weights when it has the tables too, else the tables alone
         result.metrics.update(fit_round_fusion(result.export_dir, val_ds, from_parent=stage.report["collab_warm_start"]))
-        (result.export_dir.parent / METRICS_FILE).write_text(json.dumps(result.metrics, indent=2))
     return result
 
 
@@ -190,5 +187,4 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))}
     metrics["num_train_rows"] = num_train_rows
     metrics.update(extra_metrics or {})
-    (export_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return TrainResult(export_dir / "model", metrics, result.checkpoint.path, scratch=export_dir)
