@@ -38,6 +38,8 @@ from llmrec_ray.text import candidate_texts
 from llmrec_ray.train_worker import MODEL_INPUT_KEYS, key_in, train_func
 
 FUSION_MAX_ROWS = 20_000  # validation rows the fusion weights are fitted on, at most
+FUSION_MIN_ROWS = 50  # fewer validation rows: the export keeps the prior's weights (refitted on ~20 rows a round,
+# they walked from round to round and cost a study round 0.056 AUC against its own tables: study_incremental.py)
 
 
 @dataclass
@@ -118,7 +120,8 @@ def train_candidate(cfg: Config, store, targets: list[str], older: list[str], re
 def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
     """Fit the exported hybrid's fusion weights on the round's validation rows (stacking: neither part trained on
     them; llmrec_ray.model.fit_fusion) and rewrite its fusion.json. from_parent: the export's weights are the
-    promoted version's (the workers keep them) and are the fit's prior; else the prior is the tables alone.
+    promoted version's (the workers keep them) and are the fit's prior; else the prior is the tables alone. With
+    fewer than FUSION_MIN_ROWS validation rows the prior is written unchanged.
     Returns the figures for the round's metrics."""
     started = time.time()
     model, _, _ = load_export(export_dir)
@@ -133,8 +136,12 @@ def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
             cols["cf_unknown"].append(model.collab(rows, **hist, stats_rows=torch.zeros_like(rows)))
             cols["unknown"].append(unknown)
             cols["labels"].append(batch["label"].float())
-    if not cols["labels"]:
-        return {"fusion_rows": 0}
+    n = sum(len(v) for v in cols["labels"])
+    if n < FUSION_MIN_ROWS:  # too few rows to move four numbers: the prior stands
+        weights = model.fusion_weights() if from_parent else [0.0] * 4
+        write_fusion(export_dir, weights)
+        return {"fusion": " ".join(f"{w:.4f}" for w in weights), "fusion_rows": n, "fusion_refit": False,
+                "fusion_seconds": time.time() - started}
     c = {k: torch.cat(v).double() for k, v in cols.items()}
 
     def val_loss(w: list[float]) -> float:
@@ -144,7 +151,7 @@ def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
     start = model.fusion_weights()
     weights = fit_fusion(**c, prior=start if from_parent else None)
     write_fusion(export_dir, weights)
-    return {"fusion": " ".join(f"{w:.4f}" for w in weights), "fusion_rows": len(c["labels"]),
+    return {"fusion": " ".join(f"{w:.4f}" for w in weights), "fusion_rows": n, "fusion_refit": True,
             "fusion_val_loss_start": val_loss(start), "fusion_val_loss": val_loss(weights),
             "fusion_val_loss_tables_alone": val_loss([0.0] * 4), "fusion_seconds": time.time() - started}
 

@@ -98,7 +98,7 @@ def rounds(ray_session, tmp_path_factory):
     text_train, text_val = datasets(cfg3)  # the text-only model: tokens alone
     lora = run_training(cfg3, text_train, text_val, None, "lora", store)
     yield {"first": first, "second": second, "lora": lora, "killed": (root / "killed").exists(), "cfg": cfg1,
-           "scratch_left": scratch_left, "fusion": fusion}
+           "scratch_left": scratch_left, "fusion": fusion, "val": val}
     for result in (first, second, lora):
         result.discard()
 
@@ -152,6 +152,24 @@ def test_driver_fits_the_fusion_on_the_validation_rows_into_the_export(rounds):
     assert f["fusion_val_loss"] <= f["fusion_val_loss_start"] + 1e-3, f
     model, _, _ = load_export(rounds["first"].export_dir)
     assert model.fusion_weights() == pytest.approx([float(w) for w in f["fusion"].split()], abs=1e-4)
+
+
+def test_too_few_validation_rows_leave_the_prior_fusion_weights_standing(rounds, tmp_path):
+    import shutil
+
+    from llmrec_ray.train import FUSION_MIN_ROWS
+
+    export = tmp_path / "model"
+    shutil.copytree(rounds["first"].export_dir, export)
+    fitted = load_export(export)[0].fusion_weights()
+    assert any(abs(w) > 1e-3 for w in fitted)  # round 1's fit moved them: keeping them is a real choice
+    few = rounds["val"].limit(FUSION_MIN_ROWS - 1)
+    kept = fit_round_fusion(export, few, from_parent=True)  # a parent's weights stand
+    assert kept["fusion_refit"] is False and kept["fusion_rows"] == FUSION_MIN_ROWS - 1
+    assert load_export(export)[0].fusion_weights() == pytest.approx(fitted, abs=1e-6)
+    fresh = fit_round_fusion(export, few, from_parent=False)  # no parent: the tables alone
+    assert fresh["fusion_refit"] is False and load_export(export)[0].fusion_weights() == [0.0] * 4
+    assert fit_round_fusion(export, rounds["val"].limit(FUSION_MIN_ROWS), from_parent=False)["fusion_refit"] is True
 
 
 def test_lora_round_trains_and_exports_merged(rounds):
