@@ -137,23 +137,23 @@ def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
             cols["unknown"].append(unknown)
             cols["labels"].append(batch["label"].float())
     n = sum(len(v) for v in cols["labels"])
-    if n < FUSION_MIN_ROWS:  # too few rows to move four numbers: the prior stands
-        weights = model.fusion_weights() if from_parent else [0.0] * 4
-        write_fusion(export_dir, weights)
-        return {"fusion": " ".join(f"{w:.4f}" for w in weights), "fusion_rows": n, "fusion_refit": False,
-                "fusion_seconds": time.time() - started}
-    c = {k: torch.cat(v).double() for k, v in cols.items()}
-
-    def val_loss(w: list[float]) -> float:
-        logit = fuse(c["cf"], c["lm_logit"], c["unknown"], w)
-        return float(torch.nn.functional.binary_cross_entropy_with_logits(logit, c["labels"]))
-
     start = model.fusion_weights()
-    weights = fit_fusion(**c, prior=start if from_parent else None)
+    prior = start if from_parent else [0.0] * 4
+    # With too few rows to move four numbers, the prior stands.
+    figures = {"fusion_rows": n, "fusion_refit": n >= FUSION_MIN_ROWS}
+    weights = prior
+    if figures["fusion_refit"]:
+        c = {k: torch.cat(v).double() for k, v in cols.items()}
+
+        def val_loss(w: list[float]) -> float:
+            logit = fuse(c["cf"], c["lm_logit"], c["unknown"], w)
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(logit, c["labels"]))
+
+        weights = fit_fusion(**c, prior=prior)
+        figures.update(fusion_val_loss_start=val_loss(start), fusion_val_loss=val_loss(weights),
+                       fusion_val_loss_tables_alone=val_loss([0.0] * 4))
     write_fusion(export_dir, weights)
-    return {"fusion": " ".join(f"{w:.4f}" for w in weights), "fusion_rows": n, "fusion_refit": True,
-            "fusion_val_loss_start": val_loss(start), "fusion_val_loss": val_loss(weights),
-            "fusion_val_loss_tables_alone": val_loss([0.0] * 4), "fusion_seconds": time.time() - started}
+    return {"fusion": " ".join(f"{w:.4f}" for w in weights), **figures, "fusion_seconds": time.time() - started}
 
 
 def _storage(cfg: Config, store):

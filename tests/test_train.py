@@ -1,5 +1,6 @@
 """Real Ray Train + DeepSpeed on 2 CPU workers with a tiny BERT: three TorchTrainer runs shared by the tests."""
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -155,8 +156,6 @@ def test_driver_fits_the_fusion_on_the_validation_rows_into_the_export(rounds):
 
 
 def test_too_few_validation_rows_leave_the_prior_fusion_weights_standing(rounds, tmp_path):
-    import shutil
-
     from llmrec_ray.train import FUSION_MIN_ROWS
 
     export = tmp_path / "model"
@@ -190,8 +189,6 @@ def test_deepspeed_config_is_derived_from_config():
 
 
 def test_bad_model_exports_are_refused(tmp_path, rounds):
-    import shutil
-
     from llmrec_ray.model import load_export
 
     with pytest.raises(ValueError, match="missing"):
