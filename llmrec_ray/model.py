@@ -12,7 +12,9 @@ not (user, item) pairs through a transformer); the language model learns, with D
 (its own BCE: what a new item needs); then the four fusion weights are fitted on the round's validation rows, which
 neither part trained on (`fit_fusion`). Each part stays usable alone -- `model.kind=text` is the cross-encoder by
 itself. Training the text part through the fused loss instead (a residual of the tables) was measured first: early
-stopping kept the untrained text part (best at step 0 in three of four runs). Figures: README,
+stopping kept the untrained text part (best at step 0 in three of four runs). CoLLM-style collaborative tokens
+(the user and item vectors mapped into the input embeddings) were measured too: at a round's 800 rows the
+cross-encoder reads them worse than the tables score alone (benchmarks/collm_probe.py). Figures: README,
 benchmarks/quality_ml100k.py, cold_items.py.
 
 An export is one folder: config.json + model.safetensors + tokenizer files (the text part: stock
