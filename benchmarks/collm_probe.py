@@ -22,8 +22,10 @@ round's model. Each round: at most --rows rows (seeded sample; no replay), the l
 (every 10 steps, patience 2, best state kept), one epoch, batch 16, AdamW (lr 5e-5 first round, 2e-5 later; the
 mapping MLPs 1e-3), linear warm-up over 10% and decay; MiniLM at 64 text tokens, 5 history items in the text, as in
 the protocol. Plain torch in one process (not Ray Train): this asks a modelling question, not a systems one.
-Every row of each test week is scored; prints AUC per week, pooled AUC [95% CI] per variant and the tables' own AUC
-(the collab arm with these warm-started fits), and writes <work>/collm_probe-<rows>.json.
+The variants run in one process in the order given and share its random state (the new classifier head's initial
+weights, dropout): a variant's figure can differ with the variants run before it (by how much is not measured). Every
+row of each test week is scored; prints AUC per week, pooled AUC [95% CI] per variant and the tables' own AUC (the
+collab arm with these warm-started fits), and writes <work>/collm_probe-<rows>.json.
 """
 
 from __future__ import annotations
