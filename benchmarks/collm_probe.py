@@ -41,9 +41,9 @@ from torch import nn
 
 from quality_ml100k import bootstrap_ci, classical_scorer, fast_auc, load_protocol, week_bounds  # beside it
 from llmrec_ray.catalog import load_catalog
-from llmrec_ray.collab import batch_tensors, predict_logits
+from llmrec_ray.collab import batch_tensors
 from llmrec_ray.ids import history_arrays
-from llmrec_ray.model import build_model
+from llmrec_ray.model import build_model, trim_padding
 from llmrec_ray.store import Store
 from llmrec_ray.text import candidate_texts, tokenize_pairs
 
@@ -73,11 +73,12 @@ class CollmScorer(nn.Module):
 
 
 def collab_inputs(net, vocab, frame, cfg) -> dict[str, np.ndarray]:
-    """Per row: user (u from the history), item (E[cand], b[cand]), feat (the tree head's features), float32."""
+    """Per row: user (u from the history), item (E[cand], b[cand]), feat (the tree head's features), float32, and
+    logit: the tables' own score (the collab arm with this fit)."""
     hist = history_arrays(vocab, frame["history_ids"].tolist(), frame["history_ratings"].tolist(),
                           frame["history_labels"].tolist(), cfg.model.collab.history_len, cfg.data.like_threshold)
     tensors = batch_tensors(vocab.rows(frame["item_id"].tolist()), hist)
-    out = {"user": [], "item": [], "feat": []}
+    out = {"user": [], "item": [], "feat": [], "logit": []}
     net.eval()
     with torch.inference_mode():
         for i in range(0, len(frame), 2048):
@@ -86,15 +87,15 @@ def collab_inputs(net, vocab, frame, cfg) -> dict[str, np.ndarray]:
             out["user"].append(u)
             out["item"].append(torch.cat([net.cand(t["cand_rows"]), net.item_bias(t["cand_rows"])], -1))
             out["feat"].append(net.head_features(**t))
+            out["logit"].append(net(**t))
     return {k: torch.cat(v).float().numpy() for k, v in out.items()}
 
 
 def batches(frame, inputs: dict, tokens, tokenizer, max_len: int, size: int):
     for i in range(0, len(frame), size):
         part = frame.iloc[i:i + size]
-        enc = tokenize_pairs(tokenizer, part["candidate_text"].tolist(), part["history_text"].tolist(), max_len)
-        longest = max(1, int(enc["attention_mask"].sum(1).max()))
-        batch = {k: torch.from_numpy(v[:, :longest]) for k, v in enc.items()}
+        enc = trim_padding(tokenize_pairs(tokenizer, part["candidate_text"].tolist(), part["history_text"].tolist(), max_len))
+        batch = {k: torch.from_numpy(v) for k, v in enc.items()}
         batch.update({k: torch.from_numpy(inputs[k][i:i + size]) for k in tokens})
         yield batch, torch.tensor(part["label"].to_numpy(np.float32))
 
@@ -195,10 +196,7 @@ def main() -> None:
         for d in (train_in, week_in):
             d["feat"] = (d["feat"] - feat_mean) / feat_std
         ys.append(week["label"].to_numpy())
-        net, vocab = fits[w + 1]  # the tables' own logit on the week: the collab arm with these fits
-        tables.append(predict_logits(net, vocab.rows(week["item_id"].tolist()), history_arrays(
-            vocab, week["history_ids"].tolist(), week["history_ratings"].tolist(), week["history_labels"].tolist(),
-            cfg.model.collab.history_len, cfg.data.like_threshold)))
+        tables.append(week_in["logit"])
         for v in variants:
             if v not in models:
                 lm, tokenizer = build_model(cfg.model)
