@@ -22,10 +22,11 @@ round's model. Each round: at most --rows rows (seeded sample; no replay), the l
 (every 10 steps, patience 2, best state kept), one epoch, batch 16, AdamW (lr 5e-5 first round, 2e-5 later; the
 mapping MLPs 1e-3), linear warm-up over 10% and decay; MiniLM at 64 text tokens, 5 history items in the text, as in
 the protocol. Plain torch in one process (not Ray Train): this asks a modelling question, not a systems one.
-The variants run in one process in the order given and share its random state (the new classifier head's initial
-weights, dropout): a variant's figure can differ with the variants run before it (by how much is not measured). Every
-row of each test week is scored; prints AUC per week, pooled AUC [95% CI] per variant and the tables' own AUC (the
-collab arm with these warm-started fits), and writes <work>/collm_probe-<rows>.json.
+Each variant starts from torch.manual_seed(0) (the new classifier head's and the mapping MLPs' initial weights,
+dropout), so a run repeats (two runs of `--rows 100 --weeks 1 --variants collm` both gave 0.6263; before the seed,
+three gave 0.5586 / 0.6612 / 0.6749). Every row of each test week is scored; prints AUC per week, pooled AUC [95% CI]
+per variant and the tables' own AUC (the collab arm with these warm-started fits), and writes
+<work>/collm_probe-<rows>.json.
 """
 
 from __future__ import annotations
@@ -57,7 +58,6 @@ class CollmScorer(nn.Module):
     def __init__(self, lm, dims: dict[str, int]):
         super().__init__()
         self.lm, hidden = lm, lm.config.hidden_size
-        torch.manual_seed(0)
         self.maps = nn.ModuleDict({k: nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, hidden))
                                    for k, d in dims.items()})
 
@@ -199,6 +199,7 @@ def main() -> None:
         tables.append(week_in["logit"])
         for v in variants:
             if v not in models:
+                torch.manual_seed(0)  # the new classifier head's and the mapping MLPs' initial weights, and dropout
                 lm, tokenizer = build_model(cfg.model)
                 models[v] = CollmScorer(lm, {k: train_in[k].shape[1] for k in TOKENS[v]})
             fig = train_round(models[v], rows, train_in, TOKENS[v], tokenizer, max_len,
