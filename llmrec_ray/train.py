@@ -125,24 +125,24 @@ def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
     Returns the figures for the round's metrics."""
     started = time.time()
     model, _, _ = load_export(export_dir)
-    cols = {k: [] for k in ("lm_logit", "cf", "cf_unknown", "unknown", "labels")}
-    with torch.no_grad():  # four weights need few rows; the cap bounds the driver's transformer passes
-        for batch in val_ds.limit(FUSION_MAX_ROWS).iter_torch_batches(batch_size=64):
-            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-            lm_logit, cf, unknown = model.parts(**inputs)
-            cols["lm_logit"].append(lm_logit)
-            cols["cf"].append(cf)
-            hist, rows = {k: inputs[k] for k in HIST_KEYS}, inputs["cand_rows"]
-            cols["cf_unknown"].append(model.collab(rows, **hist, stats_rows=torch.zeros_like(rows)))
-            cols["unknown"].append(unknown)
-            cols["labels"].append(batch["label"].float())
-    n = sum(len(v) for v in cols["labels"])
     start = model.fusion_weights()
     prior = start if from_parent else [0.0] * 4
+    n = min(val_ds.count(), FUSION_MAX_ROWS)  # counted before any transformer pass: a small round skips them
     # With too few rows to move four numbers, the prior stands.
     figures = {"fusion_rows": n, "fusion_refit": n >= FUSION_MIN_ROWS}
     weights = prior
     if figures["fusion_refit"]:
+        cols = {k: [] for k in ("lm_logit", "cf", "cf_unknown", "unknown", "labels")}
+        with torch.no_grad():  # four weights need few rows; the cap bounds the driver's transformer passes
+            for batch in val_ds.limit(FUSION_MAX_ROWS).iter_torch_batches(batch_size=64):
+                inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+                lm_logit, cf, unknown = model.parts(**inputs)
+                cols["lm_logit"].append(lm_logit)
+                cols["cf"].append(cf)
+                hist, rows = {k: inputs[k] for k in HIST_KEYS}, inputs["cand_rows"]
+                cols["cf_unknown"].append(model.collab(rows, **hist, stats_rows=torch.zeros_like(rows)))
+                cols["unknown"].append(unknown)
+                cols["labels"].append(batch["label"].float())
         c = {k: torch.cat(v).double() for k, v in cols.items()}
 
         def val_loss(w: list[float]) -> float:

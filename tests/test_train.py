@@ -155,7 +155,8 @@ def test_driver_fits_the_fusion_on_the_validation_rows_into_the_export(rounds):
     assert model.fusion_weights() == pytest.approx([float(w) for w in f["fusion"].split()], abs=1e-4)
 
 
-def test_too_few_validation_rows_leave_the_prior_fusion_weights_standing(rounds, tmp_path):
+def test_too_few_validation_rows_leave_the_prior_fusion_weights_standing(rounds, tmp_path, monkeypatch):
+    from llmrec_ray.model import HybridScorer
     from llmrec_ray.train import FUSION_MIN_ROWS
 
     export = tmp_path / "model"
@@ -163,10 +164,12 @@ def test_too_few_validation_rows_leave_the_prior_fusion_weights_standing(rounds,
     fitted = load_export(export)[0].fusion_weights()
     assert any(abs(w) > 1e-3 for w in fitted)  # round 1's fit moved them: keeping them is a real choice
     few = rounds["val"].limit(FUSION_MIN_ROWS - 1)
-    kept = fit_round_fusion(export, few, from_parent=True)  # a parent's weights stand
-    assert kept["fusion_refit"] is False and kept["fusion_rows"] == FUSION_MIN_ROWS - 1
-    assert load_export(export)[0].fusion_weights() == pytest.approx(fitted, abs=1e-6)
-    fresh = fit_round_fusion(export, few, from_parent=False)  # no parent: the tables alone
+    with monkeypatch.context() as m:  # the rows are counted first: a round that keeps the prior runs no transformer
+        m.setattr(HybridScorer, "parts", lambda *a, **k: pytest.fail("scored validation rows it then ignored"))
+        kept = fit_round_fusion(export, few, from_parent=True)  # a parent's weights stand
+        assert kept["fusion_refit"] is False and kept["fusion_rows"] == FUSION_MIN_ROWS - 1
+        assert load_export(export)[0].fusion_weights() == pytest.approx(fitted, abs=1e-6)
+        fresh = fit_round_fusion(export, few, from_parent=False)  # no parent: the tables alone
     assert fresh["fusion_refit"] is False and load_export(export)[0].fusion_weights() == [0.0] * 4
     assert fit_round_fusion(export, rounds["val"].limit(FUSION_MIN_ROWS), from_parent=False)["fusion_refit"] is True
 
