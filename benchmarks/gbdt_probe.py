@@ -1,7 +1,8 @@
 """Probe: how strong can a classical model get on the quality protocol? (issue 11; a finding, not an arm)
 
     .venv/bin/python benchmarks/gbdt_probe.py [--label-weeks 20] [--linear | --mlp] [--leaky] [--topk 50]
-                                              [--collab] [--text-sims] [--drop knn,gen] [--work out/quality]
+                                              [--collab] [--text-sims] [--user-times] [--target label|rating]
+                                              [--drop knn,gen] [--work out/quality]
 
 Same data, split and scoring as benchmarks/quality_ml100k.py: for each of the 4 test weeks, a model frozen at the
 week's start scores every row of it, a row's history = every earlier event of its user. The model: gradient-boosted
@@ -16,7 +17,9 @@ items with positive similarity (the product's neighbour lists). --collab: adds t
 product's collaborative part (tables fitted on the same snapshot rows). --text-sims: adds the history against the
 candidate by the cosine of their texts' vectors from the frozen MiniLM (mean-pooled; prefix txt_), the genre
 similarity's domain-free counterpart. This probe led to the collaborative part's tree head (llmrec_ray/collab.py),
-which is the same idea inside the product.
+which is the same idea inside the product. --user-times: adds the user's clock, which the product's requests do not
+carry (days since the user's first event, minutes since the previous one, events in the hour before the row).
+--target rating: the trees learn the rating by least squares instead of the like label (the score ranks the label).
 
 Training rows are the events of the --label-weeks weeks before the test week; the item statistics and similarities
 they read come from a snapshot of the events BEFORE those weeks (--leaky: from every event before the test week,
@@ -57,6 +60,7 @@ class Features:
         self.text_sims = None  # set by use_text_sims
         self.topk = 0
         self.texts = texts
+        self.user_times = None  # set by use_user_times
 
     def use_text_sims(self, cfg) -> None:
         """Item-item cosine similarities of the item texts' vectors: the product's (llmrec_ray.model.encode_item_texts,
@@ -67,6 +71,23 @@ class Features:
         vectors = np.zeros((len(self.items) + 1, encoded.shape[1]), np.float32)  # row 0 (unknown): zeros
         vectors[[self.items[k] for k in self.texts.index]] = encoded
         self.text_sims = vectors @ vectors.T
+
+    def use_user_times(self, events: pd.DataFrame) -> None:
+        """Per row: the user's first event time, previous event time (strictly before the row; the row's own time when
+        none) and how many of the user's events fall in the hour before the row."""
+        by_user = {u: np.sort(g.to_numpy()) for u, g in events.groupby("user_id")["timestamp"]}
+
+        def lookup(rows: pd.DataFrame):
+            first, prev, burst = (np.empty(len(rows)) for _ in range(3))
+            for k, (u, t) in enumerate(zip(rows["user_id"].to_numpy(), rows["timestamp"].to_numpy())):
+                ts = by_user[u]
+                i = np.searchsorted(ts, t)  # events strictly before t
+                first[k] = ts[0] if i else t
+                prev[k] = ts[i - 1] if i else t
+                burst[k] = i - np.searchsorted(ts, t - 3600)
+            return first, prev, burst
+
+        self.user_times = lookup
 
     def snapshot(self, ev: pd.DataFrame) -> dict:
         """Item statistics and item-item similarities of the events `ev` (what a model frozen after them knows)."""
@@ -122,6 +143,11 @@ class Features:
                    icnt=np.log1p(snap["cnt"][c]), irate=snap["rate"][c], imean=snap["mean"][c], istd=snap["std"][c],
                    iage=(rows["timestamp"].to_numpy() - snap["first"][c]) / DAY, year=self.year[c],
                    irrate=snap["rrate"][c], ircnt=np.log1p(snap["rcnt"][c]), pred=snap["mean"][c] + dev)
+        if self.user_times is not None:  # the user's clock: time since the first and the previous event, burst size
+            t = rows["timestamp"].to_numpy()
+            first, prev, burst = self.user_times(rows)
+            out.update(utenure=np.log1p(np.maximum(t - first, 0) / DAY), ugap=np.log1p(np.maximum(t - prev, 0) / 60.0),
+                       uburst=burst)
         families = [("knn", snap["sims"]), ("gen", self.genre_sims)]
         if self.text_sims is not None:
             families.append(("txt", self.text_sims))
@@ -162,7 +188,8 @@ def collab_frame(cfg, fit_rows: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFram
     return pd.DataFrame(cols)
 
 
-def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, linear: bool, mlp: bool = False) -> np.ndarray:
+def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, linear: bool, mlp: bool = False,
+                objective: str = "binary") -> np.ndarray:
     if mlp:
         return fit_predict_mlp(x_train, y, x_test)
     if linear:
@@ -184,7 +211,7 @@ def fit_predict(x_train: pd.DataFrame, y: np.ndarray, x_test: pd.DataFrame, line
         opt.step(closure)
         return lin(xb).squeeze(-1).detach().numpy()
     import lightgbm as lgb
-    params = dict(objective="binary", learning_rate=0.03, num_leaves=15, min_data_in_leaf=50, bagging_fraction=0.8,
+    params = dict(objective=objective, learning_rate=0.03, num_leaves=15, min_data_in_leaf=50, bagging_fraction=0.8,
                   bagging_freq=1, feature_fraction=0.8, lambda_l2=1.0, verbose=-1, seed=0, num_threads=2)
     return lgb.train(params, lgb.Dataset(x_train, y), 400).predict(x_test)
 
@@ -237,13 +264,20 @@ def main() -> None:
     p.add_argument("--collab", action="store_true", help="add the collaborative part's logit and features (cf*)")
     p.add_argument("--text-sims", action="store_true", help="add the MiniLM text similarities (txt*)")
     p.add_argument("--drop", default="", help="comma-separated feature names or prefixes (knn, gen) to leave out")
+    p.add_argument("--user-times", action="store_true", help="add the user's clock: tenure, gap, burst (utenure...)")
+    p.add_argument("--target", choices=["label", "rating"], default="label",
+                   help="what the trees learn: the like label (binary) or the rating (regression, L2)")
     p.add_argument("--work", default="out/quality")
     args = p.parse_args()
+    if args.target == "rating" and (args.linear or args.mlp):
+        p.error("--target rating: only the trees have a regression objective here; drop --linear / --mlp")
     cfg, keys, events, examples = load_protocol(args.work)
     feats = Features(events, examples)
     feats.topk = args.topk
     if args.text_sims:
         feats.use_text_sims(cfg)
+    if args.user_times:
+        feats.use_user_times(events)
     drop = [d for d in args.drop.split(",") if d]
     weeks, ys, ps = week_bounds(keys, 4), [], []
     for w, (_, start) in enumerate(weeks):
@@ -258,7 +292,12 @@ def main() -> None:
             x_test = pd.concat([x_test, collab_frame(cfg, examples[examples["timestamp"] < start], test)], axis=1)
         cols = [c for c in x_train.columns if not any(c == d or c.startswith(d + "_") for d in drop)]
         ys.append(test["label"].to_numpy())
-        ps.append(fit_predict(x_train[cols], train["label"].to_numpy(), x_test[cols], args.linear, args.mlp))
+        if args.target == "label":
+            target = train["label"].to_numpy(float)
+        else:  # the examples carry the label only; (user, item) is unique in MovieLens
+            target = train[["user_id", "item_id"]].merge(events, on=["user_id", "item_id"], how="left")["rating"].to_numpy(float)
+        objective = "binary" if args.target == "label" else "regression"
+        ps.append(fit_predict(x_train[cols], target, x_test[cols], args.linear, args.mlp, objective))
         print(f"week {w + 1}: {len(train):,} training rows, {len(test):,} scored, AUC {fast_auc(ys[-1], ps[-1]):.4f}",
               flush=True)
     print(f"pooled over 4 weeks: AUC {fast_auc(np.concatenate(ys), np.concatenate(ps)):.4f}")
