@@ -159,6 +159,9 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=1)  # validations without improvement before early stopping
     bf16: bool = False  # GPU path; on CPU it was slower than fp32 here
     max_failures: int = Field(1, ge=0)  # Ray Train restarts a round this often after a worker dies
+    # rows each worker shuffles its shard in (Ray Data's local shuffle, seeded by `seed` and the epoch); examples
+    # arrive grouped by user, so without it a batch holds one or two users' rows. 0: the arrival order
+    shuffle_buffer_rows: int = Field(2048, ge=0)
     seed: int = 0
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -91,6 +92,17 @@ def load_start_model(cfg: Config, init_model_uri: Optional[str], collab_uri: Opt
     scorer = HybridScorer(apply_lora(lm, cfg.model), collab, vocab, fusion)
     scorer.fusion.requires_grad_(False)  # refitted by the driver after the round
     return scorer, tokenizer
+
+
+def train_batches(shard, cfg: Config, epoch: int, rank: int, device):
+    """One epoch of a worker's shard (a Ray Data iterator) in micro-batches. The examples arrive grouped by user;
+    Ray Data's local shuffle mixes them in a buffer of `train.shuffle_buffer_rows` rows, seeded by (train.seed,
+    epoch, rank): the same order on a rerun, another each epoch and worker. 0 rows: the arrival order."""
+    rows, size = cfg.train.shuffle_buffer_rows, cfg.train.batch_size_per_worker
+    seed = int(np.random.SeedSequence([cfg.train.seed, epoch, rank]).generate_state(1)[0])
+    return shard.iter_torch_batches(batch_size=size, device=device, drop_last=True,
+                                    local_shuffle_buffer_size=max(rows, size) if rows else None,
+                                    local_shuffle_seed=seed if rows else None)
 
 
 class WorkerRound:
@@ -183,9 +195,8 @@ class WorkerRound:
         cfg, state = self.cfg, self.state
         bar = tqdm(total=self.num_steps, initial=state["step"], desc="train", unit="step", disable=self.rank != 0)
         step_seconds, stop = 0.0, False
-        for _epoch in range(cfg.train.max_epochs):
-            for batch in self.train_shard.iter_torch_batches(batch_size=cfg.train.batch_size_per_worker, device=self.device,
-                                                             drop_last=True):
+        for epoch in range(cfg.train.max_epochs):
+            for batch in train_batches(self.train_shard, cfg, epoch, self.rank, self.device):
                 step_start = time.time()
                 loss = self.loss(batch)
                 self.engine.backward(loss)

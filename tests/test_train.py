@@ -14,7 +14,7 @@ from llmrec_ray.config import load_config
 from llmrec_ray.model import load_export, model_source, score_texts
 from llmrec_ray.store import Store
 from llmrec_ray.train import fit_round_fusion, run_training
-from llmrec_ray.train_worker import deepspeed_config, total_steps
+from llmrec_ray.train_worker import deepspeed_config, total_steps, train_batches
 
 TINY = ["model.backbone=tiny", "model.max_seq_len=24", "model.dropout=0.0", "train.num_workers=2",
         "train.batch_size_per_worker=16", "train.eval_every_steps=4", "train.patience=5", "train.lr_first=3e-3",
@@ -102,6 +102,27 @@ def rounds(ray_session, tmp_path_factory):
            "scratch_left": scratch_left, "fusion": fusion, "val": val}
     for result in (first, second, lora):
         result.discard()
+
+
+def test_training_batches_mix_users_reproducibly(ray_session):
+    import ray
+
+    users = np.repeat(np.arange(40), 16)  # as the examples arrive: grouped by user, 16 rows each
+    frame = pd.DataFrame({"user": users, "row": np.arange(len(users))})
+    shard = ray.data.from_pandas(frame).repartition(8).materialize().iterator()
+
+    def order(overrides: list[str], epoch: int = 0, rank: int = 0) -> list[list[int]]:
+        cfg = load_config(None, ["train.batch_size_per_worker=16", *overrides])
+        return [b["user"].tolist() for b in train_batches(shard, cfg, epoch, rank, "cpu")]
+
+    arrival = order(["train.shuffle_buffer_rows=0"])
+    assert all(len(set(b)) == 1 for b in arrival)  # without the shuffle every batch is one user's rows
+    mixed = order([])
+    assert sorted(sum(mixed, [])) == sorted(users.tolist())  # every row once (640 rows: no partial batch dropped)
+    assert np.mean([len(set(b)) for b in mixed]) > 8  # with it a batch of 16 spans many users
+    assert order([]) == mixed  # a rerun trains in the same order
+    assert order([], epoch=1) != mixed and order([], rank=1) != mixed  # each epoch and worker its own
+    assert order(["train.seed=1"]) != mixed
 
 
 def test_first_round_learns(rounds):
