@@ -65,7 +65,9 @@ def datasets(cfg, vocab=None):
 @pytest.fixture(scope="module")
 def rounds(ray_session, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    cfg1 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "train.zero_stage=1"])
+    # 4 epochs: in 2 (32 steps) whether the tiny model picks up the pattern depends on the seed and the order of the
+    # shuffled batches (best / first validation loss 0.65 to 1.0 over three seeds); in 4, 0.15 and 0.58 (seeds 0, 1)
+    cfg1 = load_config(None, [f"store.uri={root / 'store'}", *TINY, "train.zero_stage=1", "train.max_epochs=4"])
     store = Store.from_config(cfg1.store)
     collab_uri, vocab = stage_collab(cfg1, store)
     train, val = datasets(cfg1, vocab)  # the hybrid's inputs: tokens + the tables' rows and history tensors
