@@ -363,12 +363,17 @@ def load_export(model_dir: str | Path):
         raise ValueError(f"model export {model_dir} says model.kind=hybrid but is missing {missing}; "
                          "export it with llmrec_ray.model.save_export")
     collab, vocab = load_collab(model_dir)
+    return HybridScorer(lm, collab, vocab, read_fusion(model_dir)).eval(), tokenizer, cfg
+
+
+def read_fusion(model_dir: Path) -> list[float]:
+    """The four fusion weights of a hybrid export's fusion.json (write_fusion's file)."""
     try:
-        fusion = [float(w) for w in json.loads((model_dir / FUSION_FILE).read_text())["weights"]]
+        fusion = [float(w) for w in json.loads((Path(model_dir) / FUSION_FILE).read_text())["weights"]]
         assert len(fusion) == 4
     except Exception as exc:  # noqa: BLE001 - bad JSON, wrong keys or length
-        raise ValueError(f"{model_dir / FUSION_FILE} is not a fusion file (4 weights): {type(exc).__name__}: {exc}") from None
-    return HybridScorer(lm, collab, vocab, fusion).eval(), tokenizer, cfg
+        raise ValueError(f"{Path(model_dir) / FUSION_FILE} is not a fusion file (4 weights): {type(exc).__name__}: {exc}") from None
+    return fusion
 
 
 def trim_padding(enc: dict) -> dict:

@@ -33,7 +33,7 @@ from llmrec_ray.catalog import load_catalog
 from llmrec_ray.collab import COLLAB_FILES, fit_collab, load_collab, save_collab
 from llmrec_ray.ids import HIST_KEYS, ItemVocab, history_arrays
 from llmrec_ray.config import Config
-from llmrec_ray.model import collab_tables, fit_fusion, fuse, load_export, model_source, write_fusion
+from llmrec_ray.model import collab_tables, fit_fusion, fuse, load_export, model_source, read_fusion, write_fusion
 from llmrec_ray.text import candidate_texts
 from llmrec_ray.train_worker import MODEL_INPUT_KEYS, key_in, train_func
 
@@ -124,14 +124,14 @@ def fit_round_fusion(export_dir: Path, val_ds, from_parent: bool) -> dict:
     fewer than FUSION_MIN_ROWS validation rows the prior is written unchanged.
     Returns the figures for the round's metrics."""
     started = time.time()
-    model, _, _ = load_export(export_dir)
-    start = model.fusion_weights()
+    start = read_fusion(export_dir)
     prior = start if from_parent else [0.0] * 4
-    n = min(val_ds.count(), FUSION_MAX_ROWS)  # counted before any transformer pass: a small round skips them
+    n = min(val_ds.count(), FUSION_MAX_ROWS)  # counted before loading the model: a small round never needs it
     # With too few rows to move four numbers, the prior stands.
     figures = {"fusion_rows": n, "fusion_refit": n >= FUSION_MIN_ROWS}
     weights = prior
     if figures["fusion_refit"]:
+        model, _, _ = load_export(export_dir)
         cols = {k: [] for k in ("lm_logit", "cf", "cf_unknown", "unknown", "labels")}
         with torch.no_grad():  # four weights need few rows; the cap bounds the driver's transformer passes
             for batch in val_ds.limit(FUSION_MAX_ROWS).iter_torch_batches(batch_size=64):
