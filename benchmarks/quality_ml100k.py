@@ -26,7 +26,8 @@ Metrics: pooled AUC over all test rows with a 95% bootstrap interval, per-week A
 items (< 10 ratings before W) and on cold users (no event before W), HR@10 / NDCG@10 with 100 sampled
 negatives for --ranked-positives positives per week (the same negatives for every arm), wall time and
 training rows per arm. Resumable: <work>/state.json records every finished (arm, week); a rerun skips them.
-Writes <work>/quality.json, quality.md and quality.png.
+Writes <work>/quality.json, quality.md and quality.png; the libraries' output (Ray, Ray Data, DeepSpeed,
+transformers) goes to <work>/quality.log, our lines to the terminal.
 """
 
 from __future__ import annotations
@@ -244,7 +245,7 @@ class State:
         tmp.replace(self.path)
 
 
-def run(args) -> dict:
+def run(args, log: Path) -> dict:
     from llmrec_ray.runtime import configure_environment, ensure_ray
     from llmrec_ray.ingest import item_texts, load_catalog
     from llmrec_ray.store import Store
@@ -287,7 +288,7 @@ def run(args) -> dict:
                 info = {"train_rows": len(train_events), "seconds_fit": time.time() - t0}
             else:
                 configure_environment()
-                ensure_ray(cfg)
+                ensure_ray(cfg, log)
                 plan = lm_plan(arm, w, weeks, keys, state.data["models"], args)
                 if plan["name"] not in state.data["models"]:
                     arm_cfg = cfg.model_copy(deep=True)
@@ -420,8 +421,12 @@ def main() -> None:
     p.add_argument("--ranked-positives", type=int, default=50)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
-    started = time.time()
-    run(args)
+    from llmrec_ray.runtime import quiet_output
+
+    started, log = time.time(), Path(args.work) / "quality.log"
+    print(f"== quality protocol in {args.work} (library logs: {log})")
+    with quiet_output(log):
+        run(args, log)
     print(f"done in {time.time() - started:.0f} s")
 
 

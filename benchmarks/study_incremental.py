@@ -18,7 +18,8 @@ reads the user's events strictly before each scored event (earlier events of W i
 classical baselines see only the weeks before W.
 
 Resumable: every trained model and every evaluation is recorded in <work>/state.json as soon as it
-exists, and a rerun skips what is there. Writes <work>/study.json, study.md and study.png.
+exists, and a rerun skips what is there. Writes <work>/study.json, study.md and study.png; the libraries'
+output goes to <work>/study.log, our lines to the terminal.
 """
 
 from __future__ import annotations
@@ -167,37 +168,40 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     overrides = [*STUDY_OVERRIDES, *args.overrides, f"store.uri={work / 'store'}"]
     cfg = load_config(None, overrides)
-    from llmrec_ray.runtime import configure_environment, ensure_ray
+    from llmrec_ray.runtime import configure_environment, ensure_ray, quiet_output
     from llmrec_ray.ingest import _row_count
     from llmrec_ray.ledger import Ledger
     from llmrec_ray.store import Store
 
-    store = Store.from_config(cfg.store)
-    if not store.exists(CATALOG_KEY):
-        build_subsample(cfg, store, args.user_mod)
-    ledger = Ledger(store)
-    ledger.refresh()
-    keys = [s.key for s in ledger.shards()]
-    sizes = [_row_count(store, [k]) for k in keys]
-    eval_idx = [i for i, n in enumerate(sizes) if n >= args.min_rows and i > 0][-args.weeks:]
-    start = eval_idx[0]  # the first incremental round learns the shards before it back to >= min_rows rows
-    while start > 1 and sum(sizes[start:eval_idx[0]]) < args.min_rows:
-        start -= 1
-    state = State(work / "state.json")
-    configure_environment()
-    ensure_ray(cfg)
-    train_model(cfg, store, state, "base", keys[:start], [], None)
-    prev, prev_idx = "base", start
-    for j, e in enumerate(eval_idx):
-        week = keys[e]
-        train_model(cfg, store, state, f"incr-{j}", keys[prev_idx:e], keys[:prev_idx], prev)
-        train_model(cfg, store, state, f"full-{j}", keys[:e], [], None)
-        evaluate_week(cfg, store, state, week, keys, {"incremental": f"incr-{j}", "full": f"full-{j}", "frozen": "base"})
-        prev, prev_idx = f"incr-{j}", e
-    meta = {"machine": "2 cores, 24 GiB, no GPU", "overrides": overrides[:-1],
-            "subsample": f"MovieLens-100K users with crc32(user_id) % {args.user_mod} == 0, "
-                         f"{sum(sizes)} ratings, eval weeks with >= {args.min_rows} rows",
-            "shard_rows": dict(zip(map(period_of_key, keys), sizes))}
+    log = work / "study.log"
+    print(f"== incremental study in {work} (library logs: {log})")
+    with quiet_output(log):
+        store = Store.from_config(cfg.store)
+        if not store.exists(CATALOG_KEY):
+            build_subsample(cfg, store, args.user_mod)
+        ledger = Ledger(store)
+        ledger.refresh()
+        keys = [s.key for s in ledger.shards()]
+        sizes = [_row_count(store, [k]) for k in keys]
+        eval_idx = [i for i, n in enumerate(sizes) if n >= args.min_rows and i > 0][-args.weeks:]
+        start = eval_idx[0]  # the first incremental round learns the shards before it back to >= min_rows rows
+        while start > 1 and sum(sizes[start:eval_idx[0]]) < args.min_rows:
+            start -= 1
+        state = State(work / "state.json")
+        configure_environment()
+        ensure_ray(cfg, log)
+        train_model(cfg, store, state, "base", keys[:start], [], None)
+        prev, prev_idx = "base", start
+        for j, e in enumerate(eval_idx):
+            week = keys[e]
+            train_model(cfg, store, state, f"incr-{j}", keys[prev_idx:e], keys[:prev_idx], prev)
+            train_model(cfg, store, state, f"full-{j}", keys[:e], [], None)
+            evaluate_week(cfg, store, state, week, keys, {"incremental": f"incr-{j}", "full": f"full-{j}", "frozen": "base"})
+            prev, prev_idx = f"incr-{j}", e
+        meta = {"machine": "2 cores, 24 GiB, no GPU", "overrides": overrides[:-1],
+                "subsample": f"MovieLens-100K users with crc32(user_id) % {args.user_mod} == 0, "
+                             f"{sum(sizes)} ratings, eval weeks with >= {args.min_rows} rows",
+                "shard_rows": dict(zip(map(period_of_key, keys), sizes))}
     write_outputs(state, work, meta)
 
 
