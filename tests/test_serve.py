@@ -985,3 +985,55 @@ def test_catalog_reads_a_catalogue_version_and_pollers_survive_a_failing_step(tm
 
     run_every(0.01, stop, [step])
     assert len(calls) == 3
+
+
+def test_model_info_never_pairs_a_served_version_with_its_own_refused_load(tmp_path, monkeypatch):
+    """Reloader, no Ray, real threads: GET /v1/model is read by request threads while the poller swaps versions. A
+    version refused and then loaded after its repair must never show as served together with its old load error
+    (tests/test_serve.py::test_refused_version_is_loaded_when_repaired_and_promoted_again saw exactly that once, from
+    a read between the swap and the clearing of the error). The switch interval is cut so that threads interleave
+    between any two bytecodes, as on a loaded machine."""
+    import sys
+    from types import SimpleNamespace
+
+    from llmrec_ray.config import load_config
+    from llmrec_ray.serve import reload
+
+    broken: set[str] = set()
+
+    def load_version(store, prefix, version, cache_root, quantize="none"):
+        if version in broken:
+            raise ValueError(f"model export {version} cannot be loaded: broken")
+        return SimpleNamespace(version=version, index=None, model=SimpleNamespace(is_hybrid=False))
+
+    monkeypatch.setattr(reload, "load_version", load_version)
+    monkeypatch.setattr(reload, "warm_up", lambda state: None)
+    monkeypatch.setattr(reload, "follows_catalog", lambda state: False)
+    cfg = load_config(None, ["model.backbone=tiny"])
+    reloader = reload.Reloader(cfg, SimpleNamespace(store=SimpleNamespace(root="/r", uri="file:///r")), tmp_path)
+    seen, done = [], threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            info = reloader.info()
+            err = info["last_load_error"]
+            if err is not None and err["version"] == info["version"]:
+                seen.append(info)
+
+    reader = threading.Thread(target=read)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        reader.start()
+        for i in range(2000):
+            version = f"v{i:04d}"
+            broken.add(version)
+            assert not reloader._try_load(version, version, [version])  # refused: the error names it
+            broken.discard(version)
+            assert reloader._try_load(version, version, [version])  # repaired: served, the error cleared
+    finally:
+        done.set()
+        reader.join()
+        sys.setswitchinterval(interval)
+    assert reloader.info()["failed_loads"] == 2000 and reloader.info()["last_load_error"] is None
+    assert not seen, f"{len(seen)} reads showed a version served beside its own refused load, e.g. {seen[0]}"

@@ -62,6 +62,9 @@ class Reloader:
         self.cfg, self.registry, self.cache = cfg, registry, cache
         self.state: Optional[Loaded] = None  # swapped as one reference
         self._lock = threading.Lock()  # serialises loads (poller vs reconfigure vs shutdown)
+        # The fields GET /v1/model reports together change as one step under this lock, and info() reads them under
+        # it: held only to assign or read them, never across I/O, so the request threads that read it never wait.
+        self._view = threading.Lock()
         self._stop = threading.Event()
         self.pinned: Optional[str] = None
         self.reloads = self.failed_loads = 0
@@ -105,11 +108,12 @@ class Reloader:
                 self._refuse(version, pointer, cur, exc)
                 return False
             state, grown_catalog = self._grow(state)  # the catalogue may have grown since the version was registered
-            self.state, self.grown_catalog = state, grown_catalog  # the swap: one reference (the second is for info)
-            self.reloads += 1
-            self.lineage, self.loaded_at, self.last_error = lineage, time.time(), None
-            if self.refused and self.refused["version"] == version:
-                self.refused = None
+            with self._view:  # info() never sees the new version with the old lineage or with its own refused load
+                self.state, self.grown_catalog = state, grown_catalog  # the swap: one reference (the second is for info)
+                self.reloads += 1
+                self.lineage, self.loaded_at, self.last_error = lineage, time.time(), None
+                if self.refused and self.refused["version"] == version:
+                    self.refused = None
             log.info("llmrec serve: now serving %s (was %s; load %.2f s)", version, cur, time.time() - t0)
             if cur and cur != version:
                 shutil.rmtree(self.cache / cur, ignore_errors=True)
@@ -117,15 +121,16 @@ class Reloader:
 
     def _refuse(self, version: str, pointer: Optional[str], serving: Optional[str], exc: Exception) -> None:
         s = self.cfg.serve
-        self.failed_loads += 1
         shutil.rmtree(self.cache / version, ignore_errors=True)
         r = self.refused
         attempts = r["attempts"] + 1 if r and r["version"] == version and r["pointer"] == pointer else 1
         backoff = min(s.reload_backoff_max_s, s.reload_backoff_s * 2 ** (attempts - 1))
         error = self._public(f"could not load {version}: {type(exc).__name__}: {exc}")
-        self.refused = {"version": version, "pointer": pointer, "attempts": attempts,
-                        "retry_at": time.time() + backoff, "error": error}
-        self.last_error = {"version": version, "error": error, "at": time.time()}
+        with self._view:
+            self.failed_loads += 1
+            self.refused = {"version": version, "pointer": pointer, "attempts": attempts,
+                            "retry_at": time.time() + backoff, "error": error}
+            self.last_error = {"version": version, "error": error, "at": time.time()}
         log.error("llmrec serve: refusing model %s (still serving %s; retried when re-promoted or in %.0f s)",
                   version, serving, backoff, exc_info=exc)
 
@@ -134,13 +139,16 @@ class Reloader:
         try:
             got = self.registry.promoted()
         except Exception as exc:
-            self.pointer_error = self._public(f"the promoted pointer could not be read: {type(exc).__name__}: {exc}")
+            error = self._public(f"the promoted pointer could not be read: {type(exc).__name__}: {exc}")
+            with self._view:
+                self.pointer_error = error
             log.warning("llmrec serve: reading %s: %s", PROMOTED_KEY, exc)
             return
         ptr = got.value if got else {}
-        self.pointer_error = None
-        version = self.promoted = ptr.get("version")
-        self.promoted_checked_at = time.time()
+        with self._view:
+            self.pointer_error = None
+            version = self.promoted = ptr.get("version")
+            self.promoted_checked_at = time.time()
         if self.pinned or not version or (self.state and version == self.state.version):
             return
         pointer = got.etag or str(ptr.get("updated_at"))  # changes whenever the pointer is written, even to the same name
@@ -184,9 +192,10 @@ class Reloader:
             if self.state is not state or self._stop.is_set():  # a new version was loaded (and grown) meanwhile
                 return
             grown, version = self._grow(state)
-            self.state = grown  # one reference: a batch reads the old version or the grown one, whole
-            if version is not None:  # else it failed (logged): the state holds grown_catalog; next poll retries
-                self.grown_catalog = version
+            with self._view:
+                self.state = grown  # one reference: a batch reads the old version or the grown one, whole
+                if version is not None:  # else it failed (logged): the state holds grown_catalog; next poll retries
+                    self.grown_catalog = version
 
     def poll_forever(self) -> None:
         """poll_once and follow_catalog every serve.poll_interval_s until close()."""
@@ -194,16 +203,21 @@ class Reloader:
 
     def pin(self, version: Optional[str]) -> None:
         """Serve `version` whatever is promoted; None: follow the pointer again."""
-        self.pinned = version
-        if self.refused:  # an operator's change: a refused version may be tried again at once
-            self.refused["retry_at"] = 0.0
+        with self._view:
+            self.pinned = version
+            if self.refused:  # an operator's change: a refused version may be tried again at once
+                self.refused["retry_at"] = 0.0
         if version:
             self._try_load(version, model_prefix(version), [version])
         else:
             self.poll_once()
 
     def info(self) -> dict:
-        """GET /v1/model (schemas.ModelInfo)."""
+        """GET /v1/model (schemas.ModelInfo): one consistent view (see _view)."""
+        with self._view:
+            return self._info()
+
+    def _info(self) -> dict:
         state = self.state
         served = state.version if state else None
         in_sync = served is not None and served == self.promoted
