@@ -245,7 +245,7 @@ class State:
         tmp.replace(self.path)
 
 
-def run(args, log: Path) -> dict:
+def run(args, log_path: Path) -> dict:
     from llmrec_ray.runtime import configure_environment, ensure_ray
     from llmrec_ray.ingest import item_texts, load_catalog
     from llmrec_ray.store import Store
@@ -288,7 +288,7 @@ def run(args, log: Path) -> dict:
                 info = {"train_rows": len(train_events), "seconds_fit": time.time() - t0}
             else:
                 configure_environment()
-                ensure_ray(cfg, log)
+                ensure_ray(cfg, log_path)
                 plan = lm_plan(arm, w, weeks, keys, state.data["models"], args)
                 if plan["name"] not in state.data["models"]:
                     arm_cfg = cfg.model_copy(deep=True)
@@ -423,10 +423,10 @@ def main() -> None:
     args = p.parse_args()
     from llmrec_ray.runtime import quiet_output
 
-    started, log = time.time(), Path(args.work) / "quality.log"
-    print(f"== quality protocol in {args.work} (library logs: {log})")
-    with quiet_output(log):
-        run(args, log)
+    started, log_path = time.time(), Path(args.work) / "quality.log"
+    print(f"== quality protocol in {args.work} (library logs: {log_path})")
+    with quiet_output(log_path):
+        run(args, log_path)
     print(f"done in {time.time() - started:.0f} s")
 
 
