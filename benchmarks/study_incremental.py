@@ -173,9 +173,9 @@ def main() -> None:
     from llmrec_ray.ledger import Ledger
     from llmrec_ray.store import Store
 
-    log = work / "study.log"
-    print(f"== incremental study in {work} (library logs: {log})")
-    with quiet_output(log):
+    log_path = work / "study.log"
+    print(f"== incremental study in {work} (library logs: {log_path})")
+    with quiet_output(log_path):
         store = Store.from_config(cfg.store)
         if not store.exists(CATALOG_KEY):
             build_subsample(cfg, store, args.user_mod)
@@ -189,7 +189,7 @@ def main() -> None:
             start -= 1
         state = State(work / "state.json")
         configure_environment()
-        ensure_ray(cfg, log)
+        ensure_ray(cfg, log_path)
         train_model(cfg, store, state, "base", keys[:start], [], None)
         prev, prev_idx = "base", start
         for j, e in enumerate(eval_idx):
