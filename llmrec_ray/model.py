@@ -366,13 +366,14 @@ def load_export(model_dir: str | Path):
     return HybridScorer(lm, collab, vocab, read_fusion(model_dir)).eval(), tokenizer, cfg
 
 
-def read_fusion(model_dir: Path) -> list[float]:
+def read_fusion(model_dir: str | Path) -> list[float]:
     """The four fusion weights of a hybrid export's fusion.json (write_fusion's file)."""
+    path = Path(model_dir) / FUSION_FILE
     try:
-        fusion = [float(w) for w in json.loads((Path(model_dir) / FUSION_FILE).read_text())["weights"]]
+        fusion = [float(w) for w in json.loads(path.read_text())["weights"]]
         assert len(fusion) == 4
     except Exception as exc:  # noqa: BLE001 - bad JSON, wrong keys or length
-        raise ValueError(f"{Path(model_dir) / FUSION_FILE} is not a fusion file (4 weights): {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"{path} is not a fusion file (4 weights): {type(exc).__name__}: {exc}") from None
     return fusion
 
 
