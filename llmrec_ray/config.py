@@ -54,7 +54,7 @@ class DataConfig(_Section):
     hold_unknown_items_s: float = Field(86400.0, ge=0.0)
     first_round_shards: int = Field(4, ge=1)  # the first round learns this many of the oldest shards
     shards_per_round: int = Field(1, ge=1)  # each incremental round learns this many new shards
-    # Ray Data shuffle behind the per-user groupby: "hash" (Ray's default; aggregator actors) or "sort"
+    # Ray Data shuffle behind the per-user groupby: "hash" (Ray Data's hash shuffle; aggregator actors) or "sort"
     # (tasks: slower from cold, about equal on 1 M events here). Figures: README, benchmarks/bench_data.py
     shuffle: Literal["hash", "sort"] = "hash"
     seed: int = 0

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 import ray
-from ray.data.context import DataContext, ShuffleStrategy
+from ray.data.context import ShuffleStrategy
 from transformers import AutoTokenizer
 
 from llmrec_ray.config import Config, config_from_dict
@@ -234,11 +234,12 @@ def build_examples(cfg: Config, store, target_keys: Sequence[str], history_keys:
                                     cfg.model.collab.history_len)
 
     ds = ds.map_batches(flag, batch_format="pandas")
-    ctx = DataContext.get_current()
+    # The strategy goes on this dataset's own context: a Dataset copies the process-wide DataContext when it is
+    # created, so setting DataContext.get_current() here would reach only datasets made later (the next call's).
     if cfg.data.shuffle == "sort":
-        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        ds.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
         return ds.groupby("user_id").map_groups(per_user, batch_format="numpy")
-    ctx.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
+    ds.context.shuffle_strategy = ShuffleStrategy.HASH_SHUFFLE
     # Ray Data's default of 200 hash partitions is far too many for a small cluster; ~1 per 100k events.
     num_partitions = max(2, min(64, _row_count(store, keys) // 100_000 + 2))
     return ds.groupby("user_id", num_partitions=num_partitions).map_groups(per_user, batch_format="numpy")

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import re
 import threading
 
 import numpy as np
@@ -266,9 +267,13 @@ def test_first_movielens_week_through_ray_data(ray_session, tmp_path):
     shards = ledger.shards()
     targets, older = [shards[2].key], [s.key for s in shards[:2]]
     want = ingest.examples_frame(cfg, store, targets, history_keys=older, replay_keys=older)
-    for shuffle in ("hash", "sort"):  # both groupby shuffles build the same examples as the pure-pandas path
+    # both groupby shuffles build the same examples as the pure-pandas path, each run as configured: the plan has
+    # the operator the setting names (sort first: a process-wide setting would have leaked into the hash run)
+    for shuffle, operator in (("sort", "Sort"), ("hash", "Shuffle")):
         shuffled = load_config(None, [f"store.uri={tmp_path}", f"data.shuffle={shuffle}"])
-        ds = ingest.build_examples(shuffled, store, targets, history_keys=older, replay_keys=older)
+        ds = ingest.build_examples(shuffled, store, targets, history_keys=older, replay_keys=older).materialize()
+        ran = re.findall(r"^Operator \d+ ([^:]+):", ds.stats(), flags=re.M)
+        assert [op.split("(")[0] for op in ran if op.startswith(("Sort", "Shuffle("))] == [operator], (shuffle, ran)
         got = ds.to_pandas().sort_values(["timestamp", "user_id", "item_id"], kind="stable").reset_index(drop=True)
         assert len(got) == len(want) > shards[2].num_rows, shuffle  # new rows + replay
         for col in ("user_id", "item_id", "history_text", "candidate_text"):
