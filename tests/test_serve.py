@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -137,17 +138,26 @@ def serve_env(ray_session, tmp_path_factory):
     serve.shutdown()
 
 
-@pytest.fixture
-def app(serve_env, monkeypatch):
-    """A fresh app on v0001 for each test (deleted afterwards; Serve itself keeps running)."""
+@contextmanager
+def _app_on_v0001(serve_env):
+    """The app, deployed on v0001 promoted; deleted afterwards (Serve itself keeps running)."""
     from ray import serve
 
     from llmrec_ray.serve import APP_NAME, build_app
 
     _promote(serve_env["store"], "v0001", ["v0001"])
     serve.run(build_app(serve_env["cfg"]), name=APP_NAME, route_prefix="/")
-    yield serve_env
-    serve.delete(APP_NAME)
+    try:
+        yield
+    finally:
+        serve.delete(APP_NAME)
+
+
+@pytest.fixture
+def app(serve_env):
+    """A fresh app on v0001 for a test that promotes, pins or deletes."""
+    with _app_on_v0001(serve_env):
+        yield serve_env
 
 
 README_EXAMPLE = {"history": [{"item_id": "1", "rating": 5}], "pool": "all", "k": 5}
@@ -157,35 +167,12 @@ def _post(url, path, body, **kw):
     return requests.post(url + path, json=body, timeout=30, **kw)
 
 
-def test_score_recommend_model_metrics(app):
-    url = app["url"]
-    r = _post(url, "/v1/score", {"history": [{"item_id": "1", "rating": 5}, {"text": "Some film", "rating": 2}, "3"],
-                                 "candidates": ["4", "5", {"text": "A new film | Comedy"}]})
-    assert r.status_code == 200, r.text
-    body = r.json()
-    assert body["model_version"] == "v0001"
-    assert [s.get("item_id") for s in body["scores"]] == ["4", "5", None]
-    assert all(0.0 < s["probability"] < 1.0 for s in body["scores"])
-
-    r = _post(url, "/v1/recommend", {"history": ["1"], "pool": {"genre": "Comedy"}, "k": 3})
-    assert r.status_code == 200, r.text
-    items = r.json()["items"]
-    assert len(items) == 3 and all(i["item_id"] != "1" for i in items)
-    probs = [i["probability"] for i in items]
-    assert probs == sorted(probs, reverse=True)
-    r = _post(url, "/v1/recommend", {"history": [], "pool": ["2", "3", "4"], "k": 2})
-    assert r.status_code == 200 and len(r.json()["items"]) == 2
-    r = _post(url, "/v1/recommend", README_EXAMPLE)  # the whole catalogue but item 1: 29 items > max_candidates=20
-    assert r.status_code == 200, r.text
-    assert len(r.json()["items"]) == 5 and all(i["item_id"] != "1" for i in r.json()["items"])
-
-    info = requests.get(url + "/v1/model", timeout=10).json()
-    assert info["version"] == "v0001" and info["last_load_error"] is None and info["lineage"] == ["v0001"]
-    assert info["promoted_version"] == "v0001" and info["in_sync"] and info["reason"] is None
-    assert requests.get(url + "/healthz", timeout=10).json()["status"] == "ok"
-    metrics = requests.get(url + "/metrics", timeout=10).text
-    assert 'llmrec_requests_total{path="/v1/score"}' in metrics and "llmrec_model_failed_loads_total 0" in metrics
-    assert requests.get(url + "/docs", timeout=10).status_code == 200
+def _metric(url: str, sample: str) -> float:
+    """The value of one /metrics sample line (`name{labels}`), 0 when absent."""
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
 
 
 CLIENT_ERRORS = [
@@ -220,39 +207,154 @@ RAW_ERRORS = [
 ]
 
 
-def test_score_client_errors(app):
-    for body, status, needle in CLIENT_ERRORS:  # one app for all cases: an app deploy costs ~15 s here
-        path = "/v1/recommend" if "pool" in body else "/v1/score"
-        r = _post(app["url"], path, body)
-        assert r.status_code == status, (body, r.text)
-        assert needle in r.json()["error"], (body, r.text)
-    for data, status, needle in RAW_ERRORS:
-        r = requests.post(app["url"] + "/v1/score", data=data, headers={"Content-Type": "application/json"}, timeout=30)
-        assert r.status_code == status, (data[:80], r.text)
-        assert needle in r.json()["error"], (data[:80], r.text)
-    metrics = requests.get(app["url"] + "/metrics", timeout=10).text
-    assert 'llmrec_request_failures_total{code="413",path="/v1/score"} 3' in metrics  # prometheus_client sorts labels
-    assert 'llmrec_request_failures_total{code="500",path="/v1/score"}' not in metrics
+class TestOneAppOnV0001:
+    """Tests that only read share one app on v0001 (an app deploy costs 11-16 s here); the others get their own."""
 
+    @pytest.fixture(scope="class")
+    def app(self, serve_env):
+        with _app_on_v0001(serve_env):
+            yield serve_env
 
-def test_other_client_errors(app):
-    url = app["url"]
-    r = requests.post(url + "/v1/score", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10)
-    assert r.status_code in (400, 422) and "Traceback" not in r.text
-    r = requests.post(url + "/v1/score", data=b"", headers={"Content-Type": "application/json"}, timeout=10)
-    assert r.status_code in (400, 422)
-    r = _post(url, "/v1/recommend", {"history": [], "pool": "all", "k": 5})  # 30 items > max_pool=29
-    assert r.status_code == 422 and "max_pool=29" in r.json()["error"]
-    r = _post(url, "/v1/recommend", {"history": [], "pool": ["1"], "k": 30})
-    assert r.status_code == 422 and "k=30" in r.json()["error"]
-    r = _post(url, "/v1/recommend", {"history": [], "pool": {"genre": "Western"}, "k": 5})
-    assert r.status_code == 422 and "Western" in r.json()["error"]
-    r = _post(url, "/v1/recommend", {"history": [], "pool": ["1", "404"], "k": 1})
-    assert r.status_code == 422 and "'404'" in r.json()["error"]
-    r = _post(url, "/v1/recommend", {"history": [], "pool": ["1"], "k": 0})
-    assert r.status_code == 422 and "k" in r.json()["error"]
-    metrics = requests.get(url + "/metrics", timeout=10).text
-    assert 'llmrec_request_failures_total{code="422",path="/v1/recommend"}' in metrics
+    def test_score_recommend_model_metrics(self, app):
+        url = app["url"]
+        r = _post(url, "/v1/score", {"history": [{"item_id": "1", "rating": 5}, {"text": "Some film", "rating": 2}, "3"],
+                                     "candidates": ["4", "5", {"text": "A new film | Comedy"}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == "v0001"
+        assert [s.get("item_id") for s in body["scores"]] == ["4", "5", None]
+        assert all(0.0 < s["probability"] < 1.0 for s in body["scores"])
+
+        r = _post(url, "/v1/recommend", {"history": ["1"], "pool": {"genre": "Comedy"}, "k": 3})
+        assert r.status_code == 200, r.text
+        items = r.json()["items"]
+        assert len(items) == 3 and all(i["item_id"] != "1" for i in items)
+        probs = [i["probability"] for i in items]
+        assert probs == sorted(probs, reverse=True)
+        r = _post(url, "/v1/recommend", {"history": [], "pool": ["2", "3", "4"], "k": 2})
+        assert r.status_code == 200 and len(r.json()["items"]) == 2
+        r = _post(url, "/v1/recommend", README_EXAMPLE)  # the whole catalogue but item 1: 29 items > max_candidates=20
+        assert r.status_code == 200, r.text
+        assert len(r.json()["items"]) == 5 and all(i["item_id"] != "1" for i in r.json()["items"])
+
+        info = requests.get(url + "/v1/model", timeout=10).json()
+        assert info["version"] == "v0001" and info["last_load_error"] is None and info["lineage"] == ["v0001"]
+        assert info["promoted_version"] == "v0001" and info["in_sync"] and info["reason"] is None
+        assert requests.get(url + "/healthz", timeout=10).json()["status"] == "ok"
+        metrics = requests.get(url + "/metrics", timeout=10).text
+        assert 'llmrec_requests_total{path="/v1/score"}' in metrics and "llmrec_model_failed_loads_total 0" in metrics
+        assert requests.get(url + "/docs", timeout=10).status_code == 200
+
+    def test_score_client_errors(self, app):
+        too_large = 'llmrec_request_failures_total{code="413",path="/v1/score"}'  # prometheus_client sorts labels
+        before = _metric(app["url"], too_large)  # the app is shared: count this test's refusals only
+        for body, status, needle in CLIENT_ERRORS:
+            path = "/v1/recommend" if "pool" in body else "/v1/score"
+            r = _post(app["url"], path, body)
+            assert r.status_code == status, (body, r.text)
+            assert needle in r.json()["error"], (body, r.text)
+        for data, status, needle in RAW_ERRORS:
+            r = requests.post(app["url"] + "/v1/score", data=data, headers={"Content-Type": "application/json"}, timeout=30)
+            assert r.status_code == status, (data[:80], r.text)
+            assert needle in r.json()["error"], (data[:80], r.text)
+        assert _metric(app["url"], too_large) == before + 3
+        metrics = requests.get(app["url"] + "/metrics", timeout=10).text
+        assert 'llmrec_request_failures_total{code="500",path="/v1/score"}' not in metrics
+
+    def test_other_client_errors(self, app):
+        url = app["url"]
+        r = requests.post(url + "/v1/score", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10)
+        assert r.status_code in (400, 422) and "Traceback" not in r.text
+        r = requests.post(url + "/v1/score", data=b"", headers={"Content-Type": "application/json"}, timeout=10)
+        assert r.status_code in (400, 422)
+        r = _post(url, "/v1/recommend", {"history": [], "pool": "all", "k": 5})  # 30 items > max_pool=29
+        assert r.status_code == 422 and "max_pool=29" in r.json()["error"]
+        r = _post(url, "/v1/recommend", {"history": [], "pool": ["1"], "k": 30})
+        assert r.status_code == 422 and "k=30" in r.json()["error"]
+        r = _post(url, "/v1/recommend", {"history": [], "pool": {"genre": "Western"}, "k": 5})
+        assert r.status_code == 422 and "Western" in r.json()["error"]
+        r = _post(url, "/v1/recommend", {"history": [], "pool": ["1", "404"], "k": 1})
+        assert r.status_code == 422 and "'404'" in r.json()["error"]
+        r = _post(url, "/v1/recommend", {"history": [], "pool": ["1"], "k": 0})
+        assert r.status_code == 422 and "k" in r.json()["error"]
+        metrics = requests.get(url + "/metrics", timeout=10).text
+        assert 'llmrec_request_failures_total{code="422",path="/v1/recommend"}' in metrics
+
+    def test_bad_input_fails_alone_among_concurrent_valid_requests(self, app):
+        """A lone surrogate once made 13 of 16 valid batch-mates answer 500: now it is refused alone, at the Api (422
+        naming the field) and, should such a text reach the Scorer, inside the batch (per-request errors)."""
+        from ray import serve
+
+        from llmrec_ray.serve import APP_NAME, ScoreItem
+
+        url = app["url"]
+        good = {"history": ["1"], "candidates": ["2", "3"]}
+        bad = {"history": [], "candidates": ["4", "5", {"text": "x\ud800y"}]}
+        bodies = [good] * 8 + [bad] + [good] * 8
+        with ThreadPoolExecutor(len(bodies)) as ex:
+            got = list(ex.map(lambda b: _post(url, "/v1/score", b), bodies))
+        assert [r.status_code for r in got] == [200] * 8 + [422] + [200] * 8, [r.text for r in got]
+        assert "candidates[2].text" in got[8].json()["error"] and "U+D800" in got[8].json()["error"]
+
+        handle = serve.get_deployment_handle("Scorer", app_name=APP_NAME)
+        nan = float("nan")
+        ok = ScoreItem(["Movie 2 (1992) | Drama|Romance"], "Movie 1 (1991)", ["2"], ["1"], [nan])
+        unencodable = ScoreItem(["x\ud800y"], "Movie 1 (1991)", [None], ["1"], [nan])
+        too_big = ScoreItem(["a film"] * 40, "", [None] * 40, [], [])  # 40 x max_seq_len 32 > max_request_tokens=1000
+        late = ScoreItem(["a film"], "", [None], [], [], deadline=time.time() - 1)
+        items = [ok] * 8 + [unencodable, too_big, late] + [ok] * 8
+        answers = [r.result(timeout_s=60) for r in [handle.score.remote(i) for i in items]]  # all in flight together
+        assert all("probs" in a and len(a["probs"]) == 1 for a in answers[:8] + answers[11:]), answers
+        assert answers[8]["status"] == 422 and "encoded" in answers[8]["error"]
+        assert answers[9]["status"] == 422 and "max_request_tokens=1000" in answers[9]["error"]
+        assert answers[10]["status"] == 504
+        scores = [a["probs"][0] for a in answers[:8] + answers[11:]]
+        assert max(scores) - min(scores) < 1e-5, scores  # neither the bad inputs nor batch-mates change a score
+
+    def test_openapi_is_complete_and_schemathesis_finds_no_server_error(self, app):
+        """Every $ref of the live /openapi.json resolves, 4xx answers and the bearer scheme are documented, the README's
+        example is valid against it, and a short seeded schemathesis run gets no 5xx and nothing off-schema."""
+        import jsonschema
+        import schemathesis
+        from hypothesis import HealthCheck, Phase, given, settings
+        from schemathesis.checks import not_a_server_error
+        from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
+                                                       status_code_conformance)
+
+        url = app["url"]
+        spec = requests.get(url + "/openapi.json", timeout=10).json()
+        refs = set(_refs(spec))
+        assert refs
+        for ref in refs:
+            node = spec
+            for part in ref.lstrip("#/").split("/"):
+                assert part in node, f"{ref} is not defined"
+                node = node[part]
+        schemas = spec["components"]["schemas"]
+        assert {"HistoryItem", "Candidate", "GenrePool", "ScoreRequest", "RecommendRequest", "ErrorResponse"} <= set(schemas)
+        assert schemas["ScoreRequest"]["additionalProperties"] is False
+        assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+        for path in ("/v1/score", "/v1/recommend"):
+            op = spec["paths"][path]["post"]
+            assert {"400", "401", "413", "422", "503", "504"} <= set(op["responses"]), op["responses"].keys()
+            assert "Retry-After" in op["responses"]["503"]["headers"] and op["security"]
+        readme = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/RecommendRequest", "components": spec["components"]})
+        readme.validate(README_EXAMPLE)
+
+        schema = schemathesis.openapi.from_dict(spec)
+        checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+        statuses: Counter = Counter()
+
+        @given(case=schema.as_strategy())
+        @settings(max_examples=150, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            response = case.call_and_validate(base_url=url, checks=checks)
+            statuses[response.status_code] += 1
+
+        fuzz()
+        assert sum(statuses.values()) >= 100 and not any(code >= 500 for code in statuses), statuses
+        assert statuses[200] > 0, statuses  # some generated requests were valid ones, not only refusals
 
 
 def test_bearer_auth(serve_env, monkeypatch):
@@ -370,38 +472,6 @@ def test_app_builder_args(tmp_path):
 
 
 # --- isolation, admission control, registry agreement, OpenAPI -------------------------------------------------
-def test_bad_input_fails_alone_among_concurrent_valid_requests(app):
-    """A lone surrogate once made 13 of 16 valid batch-mates answer 500: now it is refused alone, at the Api (422
-    naming the field) and, should such a text reach the Scorer, inside the batch (per-request errors)."""
-    from ray import serve
-
-    from llmrec_ray.serve import APP_NAME, ScoreItem
-
-    url = app["url"]
-    good = {"history": ["1"], "candidates": ["2", "3"]}
-    bad = {"history": [], "candidates": ["4", "5", {"text": "x\ud800y"}]}
-    bodies = [good] * 8 + [bad] + [good] * 8
-    with ThreadPoolExecutor(len(bodies)) as ex:
-        got = list(ex.map(lambda b: _post(url, "/v1/score", b), bodies))
-    assert [r.status_code for r in got] == [200] * 8 + [422] + [200] * 8, [r.text for r in got]
-    assert "candidates[2].text" in got[8].json()["error"] and "U+D800" in got[8].json()["error"]
-
-    handle = serve.get_deployment_handle("Scorer", app_name=APP_NAME)
-    nan = float("nan")
-    ok = ScoreItem(["Movie 2 (1992) | Drama|Romance"], "Movie 1 (1991)", ["2"], ["1"], [nan])
-    unencodable = ScoreItem(["x\ud800y"], "Movie 1 (1991)", [None], ["1"], [nan])
-    too_big = ScoreItem(["a film"] * 40, "", [None] * 40, [], [])  # 40 x max_seq_len 32 > max_request_tokens=1000
-    late = ScoreItem(["a film"], "", [None], [], [], deadline=time.time() - 1)
-    items = [ok] * 8 + [unencodable, too_big, late] + [ok] * 8
-    answers = [r.result(timeout_s=60) for r in [handle.score.remote(i) for i in items]]  # all in flight together
-    assert all("probs" in a and len(a["probs"]) == 1 for a in answers[:8] + answers[11:]), answers
-    assert answers[8]["status"] == 422 and "encoded" in answers[8]["error"]
-    assert answers[9]["status"] == 422 and "max_request_tokens=1000" in answers[9]["error"]
-    assert answers[10]["status"] == 504
-    scores = [a["probs"][0] for a in answers[:8] + answers[11:]]
-    assert max(scores) - min(scores) < 1e-5, scores  # neither the bad inputs nor batch-mates change a score
-
-
 def test_flood_is_answered_503_with_retry_after_never_500(serve_env):
     """60 concurrent requests of max_candidates each against a Scorer taking 2 at a time and queueing 2: the rest
     get 503 + Retry-After (from the Api or from Serve's proxy), nothing else fails, and it serves normally after."""
@@ -491,52 +561,6 @@ def _refs(node):
     elif isinstance(node, list):
         for v in node:
             yield from _refs(v)
-
-
-def test_openapi_is_complete_and_schemathesis_finds_no_server_error(app):
-    """Every $ref of the live /openapi.json resolves, 4xx answers and the bearer scheme are documented, the README's
-    example is valid against it, and a short seeded schemathesis run gets no 5xx and nothing off-schema."""
-    import jsonschema
-    import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                                   status_code_conformance)
-
-    url = app["url"]
-    spec = requests.get(url + "/openapi.json", timeout=10).json()
-    refs = set(_refs(spec))
-    assert refs
-    for ref in refs:
-        node = spec
-        for part in ref.lstrip("#/").split("/"):
-            assert part in node, f"{ref} is not defined"
-            node = node[part]
-    schemas = spec["components"]["schemas"]
-    assert {"HistoryItem", "Candidate", "GenrePool", "ScoreRequest", "RecommendRequest", "ErrorResponse"} <= set(schemas)
-    assert schemas["ScoreRequest"]["additionalProperties"] is False
-    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
-    for path in ("/v1/score", "/v1/recommend"):
-        op = spec["paths"][path]["post"]
-        assert {"400", "401", "413", "422", "503", "504"} <= set(op["responses"]), op["responses"].keys()
-        assert "Retry-After" in op["responses"]["503"]["headers"] and op["security"]
-    readme = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/RecommendRequest", "components": spec["components"]})
-    readme.validate(README_EXAMPLE)
-
-    schema = schemathesis.openapi.from_dict(spec)
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
-    statuses: Counter = Counter()
-
-    @given(case=schema.as_strategy())
-    @settings(max_examples=150, derandomize=True, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck))
-    def fuzz(case):
-        response = case.call_and_validate(base_url=url, checks=checks)
-        statuses[response.status_code] += 1
-
-    fuzz()
-    assert sum(statuses.values()) >= 100 and not any(code >= 500 for code in statuses), statuses
-    assert statuses[200] > 0, statuses  # some generated requests were valid ones, not only refusals
 
 
 # --- offline: no Ray ----------------------------------------------------------------------------------------
