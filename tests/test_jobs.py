@@ -59,7 +59,7 @@ def ray_head(tmp_path_factory):
             os.environ["RAY_AUTH_MODE"] = previous_auth
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)  # `ray start --block` often outlives 30 s here; the group's SIGKILL leaves nothing behind
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(temp_dir)], check=False)
