@@ -55,7 +55,7 @@ class DataConfig(_Section):
     first_round_shards: int = Field(4, ge=1)  # the first round learns this many of the oldest shards
     shards_per_round: int = Field(1, ge=1)  # each incremental round learns this many new shards
     # Ray Data shuffle behind the per-user groupby: "hash" (Ray Data's hash shuffle; aggregator actors) or "sort"
-    # (tasks: slower from cold, about equal on 1 M events here). Figures: README, benchmarks/bench_data.py
+    # (tasks: on 2 cores faster to build the examples, mixed once tokenised). Figures: README, benchmarks/bench_data.py
     shuffle: Literal["hash", "sort"] = "hash"
     seed: int = 0
 
