@@ -8,7 +8,8 @@ config, jobs/configs/demo.yaml: MiniLM, 64 tokens, capped rows per round) promot
 Then continuous mode runs in a background thread (store poll continuous.poll_interval_s, Serve pointer
 poll serve.poll_interval_s) and the following weeks land one shard at a time. For each landing the
 script polls GET /v1/model until it names a new version and records the seconds since the landing; a
-landing whose round the gate rejects is recorded as such. Results: out/freshness.json.
+landing whose round the gate rejects is recorded as such. Results: out/freshness.json; the libraries' output
+(Ray, Ray Data, Ray Train, Ray Serve, DeepSpeed) goes to <work>/freshness.log.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8012)
     p.add_argument("--timeout-s", type=float, default=1200.0, help="per landing")
     args = p.parse_args()
+    from llmrec_ray.runtime import quiet_output
 
+    log_path = Path(args.work).resolve() / "freshness.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"== freshness benchmark in {args.work} (library logs: {log_path})")
+    with quiet_output(log_path):
+        run(args, log_path)
+
+
+def run(args, log_path: Path) -> None:
     from llmrec_ray.runtime import configure_environment, ensure_ray
     from llmrec_ray.config import load_config
     from llmrec_ray.continuous import StopFlag, run_continuous
@@ -54,7 +64,7 @@ def main() -> None:
     write_dataset(store, catalog, events[days.isin(periods[:first])], cfg.data.shard_period_days, time.time(), progress=False)
 
     configure_environment()
-    ensure_ray(cfg)
+    ensure_ray(cfg, log_path)
     started = time.time()
     first_round = run_round(cfg, store)
     if not first_round.promoted:
@@ -105,7 +115,7 @@ def main() -> None:
     out = Path("out/freshness.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": "2 cores, 24 GiB, no GPU", "overrides": overrides, "landings": results}, indent=2))
-    print(f"saved {out}")
+    print(f"saved {out}", flush=True)
 
 
 if __name__ == "__main__":

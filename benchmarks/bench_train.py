@@ -1,6 +1,6 @@
 """Training throughput: samples/s per worker for a plain single-process torch loop vs Ray Train + DeepSpeed
-(ZeRO 0/1/2, 1 and 2 workers) on the same model, sequence length and micro batch. Prints a table and saves
-out/bench_train.json. Target: Ray+DeepSpeed per-worker throughput >= 0.8x the plain loop.
+(ZeRO 0/1/2, 1 and 2 workers) on the same model, sequence length and micro batch. Prints one line per arm and
+saves out/bench_train.json; the libraries' output (Ray, Ray Train, DeepSpeed) goes to out/bench_train.log. Target: Ray+DeepSpeed per-worker throughput >= 0.8x the plain loop.
 
     .venv/bin/python benchmarks/bench_train.py [--backbone minilm] [--seq-len 128] [--steps 12] [--arms 0:1,1:1,1:2]
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from llmrec_ray.runtime import configure_environment, ensure_ray
+from llmrec_ray.runtime import configure_environment, ensure_ray, quiet_output
 from llmrec_ray.config import load_config
 from llmrec_ray.model import build_model, model_source
 from llmrec_ray.store import Store
@@ -83,22 +84,22 @@ def main() -> None:
             "train.max_failures=0", "train.patience=100"]
     cfg = load_config(None, base)
     arms = [tuple(map(int, a.split(":"))) + (1,) * (3 - len(a.split(":"))) for a in args.arms.split(",")]
-    plain = {}
-    for threads in sorted({cpus for _, _, cpus in arms}):
-        plain[threads] = plain_loop(cfg, args.steps, threads)
-        print(f"plain torch loop, {threads} thread(s): {plain[threads]:.2f} samples/s")
-    configure_environment()
-    ensure_ray(cfg)
-    import tempfile
-
-    results = []
-    for stage, workers, cpus in arms:
-        r = ray_arm(base, stage, workers, cpus, args.steps, tempfile.mkdtemp(prefix="bench-train-"))
-        r["vs_plain_same_threads"] = round(r["samples_per_s_per_worker"] / plain[cpus], 2)
-        print(json.dumps(r))
-        results.append(r)
+    log_path = Path("out/bench_train.log")
+    log_path.parent.mkdir(exist_ok=True)
+    print(f"== training throughput (library logs: {log_path})")
+    plain, results = {}, []
+    with quiet_output(log_path):
+        for threads in sorted({cpus for _, _, cpus in arms}):
+            plain[threads] = plain_loop(cfg, args.steps, threads)
+            print(f"plain torch loop, {threads} thread(s): {plain[threads]:.2f} samples/s", flush=True)
+        configure_environment()
+        ensure_ray(cfg, log_path)
+        for stage, workers, cpus in arms:
+            r = ray_arm(base, stage, workers, cpus, args.steps, tempfile.mkdtemp(prefix="bench-train-"))
+            r["vs_plain_same_threads"] = round(r["samples_per_s_per_worker"] / plain[cpus], 2)
+            print(json.dumps(r), flush=True)
+            results.append(r)
     out = Path("out/bench_train.json")
-    out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": "2 cores, 24 GiB, no GPU", "backbone": args.backbone, "seq_len": args.seq_len,
                                "batch_per_worker": args.batch, "plain_samples_per_s_by_threads": {t: round(v, 2) for t, v in plain.items()}, "arms": results}, indent=2))
     print(f"saved {out}")
