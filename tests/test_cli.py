@@ -39,11 +39,19 @@ def test_quiet_output_keeps_our_lines_and_sends_the_rest_to_the_log(tmp_path, ca
         print("(RayTrainWorker pid=12) step 3")
         library.warning("a library's warning")
         print("a library's progress bar", file=sys.stderr)
+        deepspeed = logging.getLogger("test-quiet-deepspeed")  # as DeepSpeed's logger, made by an import meanwhile:
+        deepspeed.propagate = False  # a handler bound to sys.stdout, DeepSpeed's format
+        deepspeed.addHandler(logging.StreamHandler(sys.stdout))
+        deepspeed.handlers[0].setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d] "
+                                                             "%(message)s"))
+        deepspeed.warning("Setting accelerator to CPU")
+        print("round 2/3: keep v0001")
     library.warning("after")  # its handler is back on the terminal
     out = capsys.readouterr()
-    assert out.out == "nothing but our own line\nround 1/3: promote v0001\n" and out.err == "after\n"
-    assert log.read_text().splitlines()[1:] == ["(RayTrainWorker pid=12) step 3", "a library's warning",
-                                                "a library's progress bar"]
+    assert out.out == "nothing but our own line\nround 1/3: promote v0001\nround 2/3: keep v0001\n" and out.err == "after\n"
+    logged = log.read_text().splitlines()[1:]
+    assert logged[:3] == ["(RayTrainWorker pid=12) step 3", "a library's warning", "a library's progress bar"]
+    assert len(logged) == 4 and "] [WARNING] [test_cli.py:" in logged[3] and logged[3].endswith("] Setting accelerator to CPU")
 
 
 def test_bad_config_key_is_a_clear_error(capsys):
