@@ -8,7 +8,7 @@ The situation of issue 12: without admission control, 200 x 1,000 candidates dro
 Serve on 127.0.0.1, the app as `llmrec serve` builds it (default serve.* limits), one Scorer replica. Sampled
 every 0.25 s: the RSS of every Serve replica and proxy process (psutil). Reported: answers by status code,
 peak RSS per process against its RSS before the flood, the 1-candidate client's latency p50/p99 during the
-flood, and how long the flood took to drain. Writes out/bench/flood.{json,md}.
+flood, and how long the flood took to drain. Writes out/bench/flood.{json,md}; the libraries' output goes to out/bench/flood.log.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import psutil
 import requests
 
-from private_serve import start_ray_serve, write_store  # a script beside it
+from private_serve import run_quietly, start_ray_serve, write_store  # a script beside it
 
 from conftest import free_port  # tests/, put on sys.path by private_serve
 
@@ -155,4 +155,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_quietly(main, Path("out/bench/flood.log")))

@@ -16,7 +16,7 @@ top-10| / 10 over those users (it measures the shortlist and the quantisation to
 are kept in out/bench/recommend-exhaustive.json (per store, version, seed and user count): a rerun reuses them.
 --cpus-per-replica sets serve.num_cpus_per_replica (the Scorer's torch / ONNX Runtime threads); the private Ray gets
 that many CPUs + 1 (the Api ingress and the HTTP proxy).
-Writes out/bench/recommend-<cpus>cpu.{json,md}. Figures come from here, never from tests.
+Writes out/bench/recommend-<cpus>cpu.{json,md}; the libraries' output goes to out/bench/recommend.log. Figures come from here, never from tests.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from private_serve import start_ray_serve  # noqa: E402 - a script beside it (puts tests/ on sys.path)
+from private_serve import run_quietly, start_ray_serve  # noqa: E402 - a script beside it (puts tests/ on sys.path)
 
 from conftest import free_port  # noqa: E402 - tests/conftest.py
 
@@ -187,4 +187,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_quietly(main, Path("out/bench/recommend.log")))

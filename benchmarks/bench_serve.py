@@ -3,7 +3,8 @@
     python benchmarks/bench_serve.py --backbone tiny --requests 200        # quick
     python benchmarks/bench_serve.py --backbone minilm --seq-len 128        # the real model
 
-Everything on 127.0.0.1 with a free port and a private local Ray; results -> out/bench_serve.json.
+Everything on 127.0.0.1 with a free port and a private local Ray; results -> out/bench_serve.json, the libraries'
+output -> out/bench_serve.log.
 Each request scores ONE (history, candidate) pair, so server-side batching is what packs the forward pass.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from private_serve import promote, start_ray_serve, write_store  # a script beside it
+from private_serve import promote, run_quietly, start_ray_serve, write_store  # a script beside it
 
 from conftest import free_port  # tests/, put on sys.path by private_serve
 
@@ -158,4 +159,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_quietly(main, Path("out/bench_serve.log")))

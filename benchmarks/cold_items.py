@@ -21,7 +21,9 @@ Each arm learns from the remaining events before T and scores every row of T:
                                        key=value overrides; "" = the defaults)
 
 Reports the AUC [95% CI] on the new items' rows (the rows that need text), its difference to `collab`'s on the same
-resampled rows (paired bootstrap), the AUC on T's other rows, and the hybrid's fusion weights. Writes <work>/cold_items.{json,md}; resumable (<work>/state.json keeps every finished arm).
+resampled rows (paired bootstrap), the AUC on T's other rows, and the hybrid's fusion weights. Writes
+<work>/cold_items.{json,md} (the libraries' output: <work>/cold_items.log); resumable (<work>/state.json keeps every
+finished arm).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def write_store(cfg, store, weeks: int, holdout: float, seed: int) -> tuple[int,
     return start, new_items
 
 
-def run(args) -> dict:
+def run(args, log_path: Path) -> dict:
     from llmrec_ray.catalog import load_catalog
     from llmrec_ray.text import candidate_texts
     from llmrec_ray.runtime import configure_environment, ensure_ray
@@ -100,7 +102,7 @@ def run(args) -> dict:
             scorer, _ = classical_scorer(arm, train_events, train_examples, events, cfg, texts=texts)
         else:
             configure_environment()
-            ensure_ray(cfg)
+            ensure_ray(cfg, log_path)
             overrides = [o for o in arm[len("hybrid["):-1].split(",") if o] if arm != "text" else []
             arm_cfg = load_config(None, [*base, f"model.kind={'text' if arm == 'text' else 'hybrid'}", *overrides])
             name = "cold-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in arm)
@@ -167,8 +169,12 @@ def main() -> None:
                    help='one hybrid arm per use: comma-separated key=value overrides ("" = the defaults)')
     args = p.parse_args()
     args.hybrid = args.hybrid if args.hybrid is not None else [""]
-    started = time.time()
-    run(args)
+    from llmrec_ray.runtime import quiet_output
+
+    started, log_path = time.time(), Path(args.work) / "cold_items.log"
+    print(f"== new items scored from their text, in {args.work} (library logs: {log_path})")
+    with quiet_output(log_path):
+        run(args, log_path)
     print(f"done in {time.time() - started:.0f} s")
 
 

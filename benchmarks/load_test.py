@@ -13,7 +13,8 @@ For each --replicas setting (serve.num_replicas, serve.num_cpus_per_replica=1), 
 --autoscale-seconds: Serve waits upscale_delay_s=30 s before it adds a replica). With --recommend-weight > 0 a
 share of the requests is /v1/recommend over a genre pool (10 of the 30 items). Per setting: requests, answers
 by status (0: no HTTP answer), req/s, p50/p99 of all answers in ms, and for the autoscaling run the Scorer's
-running replicas sampled every second from serve.status(). Writes out/bench/load.{json,md}.
+running replicas sampled every second from serve.status(). Writes out/bench/load.{json,md}; the libraries'
+output (Ray, Serve, locust) goes to out/bench/load.log.
 
 Locust runs in a child process (this file with --drive, locust used as a library: Environment + LocalRunner):
 importing locust monkey-patches the standard library with gevent, which must not happen in the process that
@@ -79,7 +80,8 @@ def run_locust(url: str, args, seconds: float, out_dir: Path, label: str) -> dic
     cmd = [sys.executable, __file__, "--drive", url, "--users", str(args.users), "--seconds", str(seconds),
            "--candidates", str(args.candidates), "--recommend-weight", str(args.recommend_weight),
            "--answers-out", str(out_path)]
-    subprocess.run(cmd, check=True, timeout=seconds + 300)
+    with open(Path(args.out) / "load.log", "a") as log:  # locust's own lines, beside the libraries' (run_quietly)
+        subprocess.run(cmd, check=True, timeout=seconds + 300, stdout=log, stderr=subprocess.STDOUT)
     return json.loads(out_path.read_text())
 
 
@@ -229,4 +231,6 @@ if __name__ == "__main__":
     if a.drive:
         drive(a.drive, a.users, a.seconds, a.candidates, a.recommend_weight, a.answers_out)
         raise SystemExit(0)
-    raise SystemExit(main(a))
+    from private_serve import run_quietly  # a script beside it; it imports Ray, which the locust child must not
+
+    raise SystemExit(run_quietly(lambda: main(a), Path(a.out) / "load.log"))
