@@ -130,23 +130,21 @@ class _LogFile(io.TextIOBase):
 # coloured. log_to_driver=False stops the workers' output, but not what the raylet pushes to every driver, such as
 # "(raylet) WARNING: 8 PYTHON worker processes have been started ..." (no setting silences it: ray-project/ray#63800).
 _RAY_PRINTED = re.compile(r"(\x1b\[[0-9;]*m)*\((raylet|autoscaler|[^()\n]*pid=[^()\n]*)\)")
-# DeepSpeed logs to stdout, through a handler it binds to sys.stdout when it is imported: when that happens under
-# quiet_output (transformers imports it on a model's save), the handler holds _OurStdout, and its records look like
-# "[2026-12-07 13:00:41,160] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU ...".
-_DEEPSPEED_LOGGED = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+\] \[(DEBUG|INFO|WARNING|ERROR|CRITICAL)\] \[")
 
 
 class _OurStdout(io.TextIOBase):
-    """stdout under quiet_output: the lines Ray's driver prints for its other processes and DeepSpeed's log records go
-    to the log, the rest (ours: lines and progress bars) to the terminal. print() writes a line and its newline
-    separately: a line that went to the log takes its newline along (from the same thread)."""
+    """stdout under quiet_output: the lines Ray's driver prints for its other processes and the records of a logging
+    handler bound to sys.stdout meanwhile (DeepSpeed binds one when it is imported: transformers imports it on a
+    model's save) go to the log, the rest (ours: lines and progress bars) to the terminal. print() writes a line and
+    its newline separately: a line that went to the log takes its newline along (from the same thread)."""
 
     def __init__(self, terminal, log: io.TextIOBase):
         super().__init__()
         self.terminal, self.log, self._to_log_thread = terminal, log, None
 
     def write(self, text: str) -> int:
-        if self._to_log_thread is None and (_RAY_PRINTED.match(text) or _DEEPSPEED_LOGGED.match(text)):
+        from_handler = isinstance(sys._getframe(1).f_locals.get("self"), logging.Handler)  # the caller: a handler's emit
+        if self._to_log_thread is None and (from_handler or _RAY_PRINTED.match(text)):
             self._to_log_thread = threading.get_ident()
         if self._to_log_thread != threading.get_ident():
             return self.terminal.write(text)
