@@ -12,7 +12,9 @@ A round starts from the promoted model's Hugging Face export (weights only; the 
 with a warmup). That is the default on purpose: an HF export is independent of the worker count and
 ZeRO stage, it is exactly what is served, and Adam moments from an older data distribution are of
 little use for new data. Within a round, a worker that dies is replaced (FailureConfig) and training
-resumes from the round's last reported checkpoint, which holds the full DeepSpeed state.
+resumes from the round's last reported checkpoint, which holds the full DeepSpeed state. Once the best model is
+copied out, the run's storage (its checkpoints, ~0.5 GB a MiniLM round, and the staged tables) is deleted: a run is
+never resumed across rounds (each has a fresh name). A failed run's checkpoints stay, for inspection.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ FUSION_MIN_ROWS = 50  # fewer validation rows: the export keeps the prior's weig
 class TrainResult:
     export_dir: Path  # local folder on the driver: the best model as a Hugging Face export
     metrics: dict
-    checkpoint_uri: Optional[str]
     scratch: Optional[Path] = None  # the driver's temporary folder holding export_dir
 
     def discard(self) -> None:
@@ -105,13 +106,17 @@ def train_candidate(cfg: Config, store, targets: list[str], older: list[str], re
     catalog_version: the catalogue the item texts come from (None: the newest)."""
     stage = (fit_round_collab(cfg, store, older + targets, init_model_uri, run_name, catalog_version)
              if cfg.model.kind == "hybrid" else None)
-    ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=replay,
-                               max_rows=max_rows if max_rows is not None else cfg.data.max_rows_per_round,
-                               catalog_version=catalog_version)
-    tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None)
-    train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
-    result = run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store, collab_uri=stage.uri if stage else None,
-                          extra_metrics=stage.report if stage else None)
+    try:
+        ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=replay,
+                                   max_rows=max_rows if max_rows is not None else cfg.data.max_rows_per_round,
+                                   catalog_version=catalog_version)
+        tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None)
+        train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
+        result = run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store,
+                              collab_uri=stage.uri if stage else None, extra_metrics=stage.report if stage else None)
+    finally:  # the staged tables (inside the run's storage unless ray.storage_uri puts that elsewhere)
+        if stage:
+            store.delete_prefix(key_in(store, stage.uri))
     if stage:  # prior: the promoted version's fusion weights when it has the tables too, else the tables alone
         result.metrics.update(fit_round_fusion(result.export_dir, val_ds, from_parent=stage.report["collab_warm_start"]))
     return result
@@ -163,6 +168,12 @@ def _storage(cfg: Config, store):
     return store.fs_path("ray-train"), (store.fs if store.scheme == "s3" else None)
 
 
+def delete_run_storage(result) -> None:
+    """Delete a finished Ray Train run's storage (its checkpoints), wherever RunConfig put it: the store or
+    ray.storage_uri, a local folder or S3."""
+    result.filesystem.delete_dir(result.path)
+
+
 def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], run_name: str, store,
                  extra_loop_config: Optional[dict] = None, collab_uri: Optional[str] = None,
                  extra_metrics: Optional[dict] = None) -> TrainResult:
@@ -191,7 +202,8 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
     export_dir = Path(tempfile.mkdtemp(prefix=f"llmrec-{run_name}-"))
     with result.checkpoint.as_directory() as d:
         shutil.copytree(Path(d) / "model", export_dir / "model")
+    delete_run_storage(result)  # the export above is all a round keeps
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))}
     metrics["num_train_rows"] = num_train_rows
     metrics.update(extra_metrics or {})
-    return TrainResult(export_dir / "model", metrics, result.checkpoint.path, scratch=export_dir)
+    return TrainResult(export_dir / "model", metrics, scratch=export_dir)

@@ -5,7 +5,7 @@ improve keeps the model it started from), early stopping, the best model kept as
 `train_func(config)` is what `llmrec_ray.train.run_training` hands to the TorchTrainer. config keys: "cfg" (the
 Config as a dict), "init_model_uri", "num_train_rows", "collab_uri", and optionally "on_step": a picklable
 callable(step, rank, world) run after every optimizer step (fault injection in tests: a worker that dies there
-is replaced and training resumes from the last reported checkpoint, which holds the full DeepSpeed state).
+is replaced and training resumes from the last reported checkpoint, which holds the full DeepSpeed state past step 0).
 
 deepspeed is imported inside WorkerRound: the driver imports this module too (to ship train_func) and never needs it.
 """
@@ -13,6 +13,7 @@ deepspeed is imported inside WorkerRound: the driver imports this module too (to
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ from llmrec_ray.model import HybridScorer, apply_lora, build_model, load_export,
 from llmrec_ray.store import Store
 
 CKPT_TAG = "best"
+STATE_FILE = "state.json"  # the training counters of a step-0 checkpoint (save_best)
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids", "cand_rows", "hist_rows", "hist_present", "hist_liked",
                     "hist_rating", "hist_rated")  # what llmrec_ray.model.encode_inputs produces
 
@@ -138,7 +140,10 @@ class WorkerRound:
         if not restored:
             return False
         with restored.as_directory() as d:
-            _, client_state = self.engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=CKPT_TAG)
+            if (Path(d) / "deepspeed").is_dir():
+                _, client_state = self.engine.load_checkpoint(str(Path(d) / "deepspeed"), tag=CKPT_TAG)
+            else:  # step 0's (save_best): the engine was just built from the same start model, with a fresh optimizer
+                client_state = json.loads((Path(d) / STATE_FILE).read_text())
             if self.rank == 0:  # that checkpoint is the best so far: it is the export unless a later step beats it
                 shutil.copytree(Path(d) / "model", self.work_dir / "best-model")
         self.state.update({k: client_state[k] for k in self.state})
@@ -176,9 +181,15 @@ class WorkerRound:
         return not math.isfinite(val_loss) or state["bad_evals"] >= self.cfg.train.patience
 
     def save_best(self) -> Path:
-        """DeepSpeed checkpoint (all ranks) + HF export (rank 0) in a fresh dir, ready to report."""
+        """A checkpoint in a fresh dir, ready to report: the DeepSpeed state (all ranks) + the HF export (rank 0).
+        At step 0 the DeepSpeed state is the start model and a fresh optimizer, which a replacement worker builds
+        anyway as it starts: that checkpoint holds the counters (STATE_FILE) and the export only."""
         ckpt_dir = self.work_dir / f"ckpt-{self.state['step']:06d}"
-        self.engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=CKPT_TAG, client_state=dict(self.state))
+        if self.state["step"] > 0:
+            self.engine.save_checkpoint(str(ckpt_dir / "deepspeed"), tag=CKPT_TAG, client_state=dict(self.state))
+        else:
+            ckpt_dir.mkdir(parents=True)
+            (ckpt_dir / STATE_FILE).write_text(json.dumps(self.state))
         # ZeRO-3 partitions the weights: gathering them is a collective, every rank calls it.
         full_state = self.engine._zero3_consolidated_16bit_state_dict() if self.cfg.train.zero_stage == 3 else None
         if self.rank == 0:
@@ -251,6 +262,7 @@ def remove_stale_scratch(work_dir: Path, prefix: str) -> None:
 
 def run_worker(worker: WorkerRound, config: dict) -> None:
     resumed = worker.restore()
+    resumed_at_step = worker.state["step"] if resumed else None
     if not resumed:
         worker.validate_and_report()  # step 0: the starting model is the first "best"
     started = time.time()
@@ -264,5 +276,5 @@ def run_worker(worker: WorkerRound, config: dict) -> None:
     summary = {"steps": state["step"], "best_val_loss": state["best_val_loss"], "first_val_loss": state["first_val_loss"],
                "train_seconds": time.time() - started, "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
                "early_stopped": state["bad_evals"] >= worker.cfg.train.patience, "lr": worker.lr, "final": True,
-               "resumed": resumed}
+               "resumed": resumed, "resumed_at_step": resumed_at_step}
     ray.train.report(summary, checkpoint=Checkpoint.from_directory(str(final_dir)))

@@ -107,4 +107,7 @@ def test_round_job_promotes_a_model(ray_head, tmp_path):
     info = json.loads((store / "registry" / "versions" / "v0001" / "version.json").read_text())
     assert info["gate"]["decision"] in ("promote", "reject") and info["shards"], logs[-4000:]
     assert (store / "registry" / "promoted.json").is_file() == (info["gate"]["decision"] == "promote"), info["gate"]
-    assert list((store / "ray-train").rglob("*.safetensors")), "Ray Train checkpoints are missing from the store"
+    # the round deleted its Ray Train storage (checkpoints, staged tables) once the candidate's export was copied
+    # out: each MiniLM round left ~0.5 GB there before
+    left = [p for p in (store / "ray-train").rglob("*") if p.is_file()]
+    assert not left, f"the round left its Ray Train storage behind: {left[:5]}"

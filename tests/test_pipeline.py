@@ -31,7 +31,7 @@ def fake_train(cfg, store, targets, older, replay, init_uri, run_name, catalog_v
     model, tokenizer = build_model(cfg.model)
     scratch = Path(tempfile.mkdtemp(prefix="llmrec-fake-"))
     out = save_export(model, tokenizer, cfg, scratch / "model")
-    return TrainResult(out, {"num_train_rows": 10, "train_seconds": 0.1, "best_val_loss": 0.69}, None, scratch)
+    return TrainResult(out, {"num_train_rows": 10, "train_seconds": 0.1, "best_val_loss": 0.69}, scratch)
 
 
 def _store(kind, tmp_path, s3_server=None):

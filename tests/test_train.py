@@ -99,8 +99,9 @@ def rounds(ray_session, tmp_path_factory):
     second = run_training(cfg2, train, val, store.key_uri("registry/versions/v0001/model"), "round2", store,
                           extra_loop_config={"on_step": kill_last_worker_once}, collab_uri=collab_uri)
     scratch_left = scratch() - scratch_before  # round 2's killed worker never ran its `finally`: its successor cleans up
+    storage_left = [p for run in ("round1", "round2") for p in (root / "store" / "ray-train" / run).rglob("*")]
     yield {"first": first, "second": second, "killed": (root / "killed").exists(), "cfg": cfg1,
-           "scratch_left": scratch_left, "fusion": fusion, "val": val}
+           "scratch_left": scratch_left, "storage_left": storage_left, "fusion": fusion, "val": val}
     for result in (first, second):
         result.discard()
 
@@ -137,6 +138,8 @@ def test_workers_remove_their_scratch_folders(rounds):
     # left ~1.4 GB per worker before), and by its replacement when the worker was killed (round 2); the driver's
     # export copy goes with TrainResult.discard
     assert rounds["scratch_left"] == set()
+    # nor does a run's storage outlive its export (each MiniLM round left ~0.5 GB of checkpoints there before)
+    assert rounds["storage_left"] == []
     first = rounds["first"]
     assert first.scratch is not None and first.export_dir.is_relative_to(first.scratch)
 
@@ -146,6 +149,9 @@ def test_second_round_resumes_from_first_export_after_worker_death(rounds):
     # starts where round 1 ended (its best validation loss), not from scratch
     assert second["first_val_loss"] == pytest.approx(first["best_val_loss"], abs=1e-3)
     assert rounds["killed"] and second["resumed"] is True
+    # from step 4's checkpoint when that validation improved, else from step 0's, which holds the counters and the
+    # export only: the replacement builds the start model and a fresh optimizer itself (runs so far: step 0)
+    assert second["resumed_at_step"] in (0, 4)
     assert second["best_val_loss"] <= second["first_val_loss"]
 
 
@@ -223,3 +229,29 @@ def test_bad_model_exports_are_refused(tmp_path, rounds):
     (broken / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_export(broken)
+
+
+@pytest.mark.s3
+def test_a_runs_storage_on_s3_is_deleted_with_it(ray_session, s3_server, tmp_path):
+    import ray.train
+    from ray.train import Checkpoint, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from llmrec_ray.train import _storage, delete_run_storage
+    from tests.conftest import make_store_cfg
+
+    cfg = load_config(None)
+    cfg.store = make_store_cfg("s3", tmp_path, s3_server)
+    store = Store.from_config(cfg.store)
+
+    def report_a_checkpoint():  # what a round's workers leave in storage, in small
+        folder = Path(tempfile.mkdtemp())
+        (folder / "weights.bin").write_bytes(bytes(1024))
+        ray.train.report({"step": 1}, checkpoint=Checkpoint.from_directory(str(folder)))
+
+    storage_path, storage_fs = _storage(cfg, store)
+    result = TorchTrainer(report_a_checkpoint, scaling_config=ScalingConfig(num_workers=1),
+                          run_config=RunConfig(name="s3-run", storage_path=storage_path, storage_filesystem=storage_fs)).fit()
+    assert any(k.endswith("weights.bin") for k in store.list("ray-train/s3-run"))  # Ray Train wrote into the bucket
+    delete_run_storage(result)
+    assert store.list("ray-train/s3-run") == []
