@@ -245,9 +245,9 @@ def test_a_runs_storage_on_s3_is_deleted_with_it(ray_session, s3_server, tmp_pat
     store = Store.from_config(cfg.store)
 
     def report_a_checkpoint():  # what a round's workers leave in storage, in small
-        folder = Path(tempfile.mkdtemp())
-        (folder / "weights.bin").write_bytes(bytes(1024))
-        ray.train.report({"step": 1}, checkpoint=Checkpoint.from_directory(str(folder)))
+        with tempfile.TemporaryDirectory() as folder:  # report() has copied it to storage when it returns
+            (Path(folder) / "weights.bin").write_bytes(bytes(1024))
+            ray.train.report({"step": 1}, checkpoint=Checkpoint.from_directory(folder))
 
     storage_path, storage_fs = _storage(cfg, store)
     result = TorchTrainer(report_a_checkpoint, scaling_config=ScalingConfig(num_workers=1),
