@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/gbdt_probe.py [--label-weeks 20] [--linear | --mlp] [--leaky] [--topk 50]
                                               [--collab] [--text-sims] [--user-times] [--target label|rating]
-                                              [--drop knn,gen] [--work out/quality]
+                                              [--ease L2 [--ease-label] [--ease-topk K]] [--drop knn,gen]
+                                              [--work out/quality]
 
 Same data, split and scoring as benchmarks/quality_ml100k.py: for each of the 4 test weeks, a model frozen at the
 week's start scores every row of it, a row's history = every earlier event of its user. The model: gradient-boosted
@@ -20,6 +21,11 @@ similarity's domain-free counterpart. This probe led to the collaborative part's
 which is the same idea inside the product. --user-times: adds the user's clock, which the product's requests do not
 carry (days since the user's first event, minutes since the previous one, events in the hour before the row).
 --target rating: the trees learn the rating by least squares instead of the like label (the score ranks the label).
+--ease L2: adds the history through two EASE item-item regressions (Steck 2019; closed form with this L2) fitted on the
+snapshot: which items a user rated, and the user-centred ratings (--ease-label: like labels, what the product has);
+per row sum_j B[j, cand], sum_j centred_j * B_signed[j, cand] and sum_j (+1 liked / -1 not) * B[j, cand] (prefix
+ease_). --ease-topk K keeps each candidate's K largest weights. The product's head reads the same three
+(llmrec_ray/collab.py ease_features, with like labels).
 
 Training rows are the events of the --label-weeks weeks before the test week; the item statistics and similarities
 they read come from a snapshot of the events BEFORE those weeks (--leaky: from every event before the test week,
@@ -61,6 +67,9 @@ class Features:
         self.topk = 0
         self.texts = texts
         self.user_times = None  # set by use_user_times
+        self.ease = 0.0  # --ease LAMBDA
+        self.ease_topk = 0
+        self.ease_label = False
 
     def use_text_sims(self, cfg) -> None:
         """Item-item cosine similarities of the item texts' vectors: the product's (llmrec_ray.model.encode_item_texts,
@@ -117,8 +126,24 @@ class Features:
             sims = np.maximum(sims, 0.0)
             cut = -np.sort(-sims, axis=1)[:, self.topk - 1 : self.topk]
             sims = np.where(sims >= np.maximum(cut, 1e-12), sims, 0.0)
-        return dict(cnt=cnt, rate=rate, mean=mean, std=std, first=first, rcnt=rcnt, rrate=rrate, sims=sims,
-                    global_rating=r.mean())
+        out = dict(cnt=cnt, rate=rate, mean=mean, std=std, first=first, rcnt=rcnt, rrate=rrate, sims=sims,
+                   global_rating=r.mean())
+        if self.ease:  # EASE (Steck 2019): B = item-item regression weights, closed form, on the rated / centred matrix
+            signed = centred
+            if self.ease_label:  # user-centred like labels instead of ratings
+                ulike = np.bincount(user, y, num_users) / np.maximum(np.bincount(user, minlength=num_users), 1)
+                signed = np.zeros_like(centred)
+                signed[item, user] = y - ulike[user]
+            for name, x in (("ease_imp", has), ("ease_sig", signed)):
+                p = np.linalg.inv(x @ x.T + self.ease * np.eye(size, dtype=np.float32))
+                b = -p / np.diag(p)[None, :]
+                np.fill_diagonal(b, 0.0)
+                b[0], b[:, 0] = 0.0, 0.0
+                if self.ease_topk:  # per candidate column c keep the ease_topk largest |B[j, c]|
+                    cut = -np.sort(-np.abs(b), axis=0)[self.ease_topk - 1 : self.ease_topk]
+                    b = np.where(np.abs(b) >= np.maximum(cut, 1e-12), b, 0.0)
+                out[name] = b.astype(np.float32)
+        return out
 
     def frame(self, rows: pd.DataFrame, snap: dict) -> pd.DataFrame:
         c = rows["item_id"].map(self.items).fillna(0).astype(int).to_numpy()
@@ -148,6 +173,9 @@ class Features:
             first, prev, burst = self.user_times(rows)
             out.update(utenure=np.log1p(np.maximum(t - first, 0) / DAY), ugap=np.log1p(np.maximum(t - prev, 0) / 60.0),
                        uburst=burst)
+        if "ease_imp" in snap:  # score_c = sum_j x_j B[j, c] over the history
+            bi, bs = snap["ease_imp"][hi, c[:, None]] * present, snap["ease_sig"][hi, c[:, None]] * present
+            out.update(ease_imp=bi.sum(1), ease_sig=(bs * centred).sum(1), ease_pm=(bi * (2 * liked - present)).sum(1))
         families = [("knn", snap["sims"]), ("gen", self.genre_sims)]
         if self.text_sims is not None:
             families.append(("txt", self.text_sims))
@@ -267,6 +295,9 @@ def main() -> None:
     p.add_argument("--user-times", action="store_true", help="add the user's clock: tenure, gap, burst (utenure...)")
     p.add_argument("--target", choices=["label", "rating"], default="label",
                    help="what the trees learn: the like label (binary) or the rating (regression, L2)")
+    p.add_argument("--ease", type=float, default=0.0, help="add EASE item-item regression scores, this L2 (ease_*)")
+    p.add_argument("--ease-topk", type=int, default=0, help="keep each candidate's K largest EASE weights")
+    p.add_argument("--ease-label", action="store_true", help="the signed EASE matrix from like labels, not ratings")
     p.add_argument("--work", default="out/quality")
     args = p.parse_args()
     if args.target == "rating" and (args.linear or args.mlp):
@@ -274,6 +305,7 @@ def main() -> None:
     cfg, keys, events, examples = load_protocol(args.work)
     feats = Features(events, examples)
     feats.topk = args.topk
+    feats.ease, feats.ease_topk, feats.ease_label = args.ease, args.ease_topk, args.ease_label
     if args.text_sims:
         feats.use_text_sims(cfg)
     if args.user_times:

@@ -21,7 +21,9 @@ history are scored like everyone else.
     statistics of the history, of the candidate (count, like rate, mean rating and its spread), the neighbour
     features and the text features (the same four with s(c, j) = the cosine of the two items' text vectors: the
     frozen backbone's sentence embeddings of their texts, a buffer filled by model.fill_text_vectors; content
-    similarity needs no co-ratings) -- score instead of the linear sum. They learn from the newest rows with
+    similarity needs no co-ratings) and the EASE features (the history through two closed-form item-item regressions,
+    `ease_weights`: which items a user has, and the user-centred labels; refitted every round over the
+    `ease_items` items with most users) -- score instead of the linear sum. They learn from the newest rows with
     statistics of the older rows only (`fit_tree_head`), and are evaluated in torch (`TreeHead`), saved in the
     same safetensors file as the tables. The linear sum stays what retrieval factorises (llmrec_ray/retrieval.py)
     and what scores when a round had too few rows for trees.
@@ -64,8 +66,10 @@ SHRINK = 25.0  # co-count shrinkage of the item-item similarities
 HEAD_FEATURES = ("log_n", "like_rate", "mean_rating", "rating_std", "last5_dev", "last_rating", "rating_dev",
                  "item_logcount", "item_like_rate", "item_mean", "item_std", "expected_rating",
                  "neighbour_score", "max_sim_liked", "max_sim_disliked", "mean_sim",
-                 "text_score", "text_max_liked", "text_max_disliked", "text_mean")  # the tree head's inputs
-NUM_TEXT_FEATURES = 4  # the last HEAD_FEATURES: the history against the candidate by their texts' vectors
+                 "text_score", "text_max_liked", "text_max_disliked", "text_mean",
+                 "ease_score", "ease_signed", "ease_liked_minus_disliked")  # the tree head's inputs
+NUM_TEXT_FEATURES = 4  # after the neighbour features: the history against the candidate by their texts' vectors
+NUM_EASE_FEATURES = 3  # the last HEAD_FEATURES: the history through the EASE item-item regressions
 ITEM_PRIOR = 10.0  # pseudo-count pulling an item's like rate and mean rating towards the global ones
 VOCAB_FILE = "collab_vocab.json"
 WEIGHTS_FILE = "collab.safetensors"
@@ -75,10 +79,12 @@ COLLAB_FILES = (WEIGHTS_FILE, VOCAB_FILE)
 class CollabNet(nn.Module):
     """Item tables + a user side computed from the history tensors. forward -> (B,) logits."""
 
-    def __init__(self, num_items: int, dim: int = 32, seed: int = 0, neighbours: int = 0, text_dim: int = 0):
+    def __init__(self, num_items: int, dim: int = 32, seed: int = 0, neighbours: int = 0, text_dim: int = 0,
+                 ease_items: int = 0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)  # the same tables from the same data, run after run
         self.num_items, self.dim, self.neighbours, self.text_dim = num_items, dim, neighbours, text_dim
+        self.ease_items = ease_items  # items in the EASE matrices (set_item_statistics chooses them)
         self.mu = nn.Parameter(torch.zeros(1))
         self.item_bias = nn.Embedding(num_items + 1, 1, padding_idx=UNKNOWN)
         self.cand = nn.Embedding(num_items + 1, dim, padding_idx=UNKNOWN)
@@ -96,6 +102,11 @@ class CollabNet(nn.Module):
         self.register_buffer("global_rating", torch.zeros(1))  # mean rating of the statistics' rows
         # unit vectors of the items' texts from the frozen text backbone (model.fill_text_vectors); zero rows: none
         self.register_buffer("item_text", torch.zeros(num_items + 1, text_dim))
+        # EASE (ease_weights): each item's position in the two item-item weight matrices (0: not in them) and the
+        # matrices, position 0 a zero row and column
+        self.register_buffer("ease_pos", torch.zeros(num_items + 1, dtype=torch.int64))
+        self.register_buffer("ease_rated", torch.zeros(ease_items + 1, ease_items + 1))
+        self.register_buffer("ease_signed", torch.zeros(ease_items + 1, ease_items + 1))
         self.head: Optional[TreeHead] = None  # not a buffer: dtype casts (bf16 engines) must not touch thresholds
         for table in (self.cand, self.hist_liked, self.hist_disliked):
             nn.init.normal_(table.weight, std=0.01, generator=g)
@@ -140,13 +151,23 @@ class CollabNet(nn.Module):
         s = torch.einsum("bhd,bd->bh", self.item_text[hist_rows], cand).to(hist_rating.dtype) * known
         return _similarity_features(s, known, hist_present, hist_liked, hist_rating, hist_rated)
 
+    def ease_features(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated):
+        """(B, NUM_EASE_FEATURES): the EASE scores of the candidate from the history -- sum_j B_rated[j, cand] over
+        the history items, sum_j centred_j * B_signed[j, cand] (centred_j as in the neighbour score) and
+        sum_j (+1 liked / -1 not) * B_rated[j, cand]. Zero for items outside the matrices."""
+        known = hist_present * (hist_rows != UNKNOWN).float()
+        at = (self.ease_pos[hist_rows], self.ease_pos[cand_rows].unsqueeze(-1).expand_as(hist_rows))
+        rated, signed = self.ease_rated[at] * known, self.ease_signed[at] * known  # (B, H)
+        centred = _centred(hist_present, hist_liked, hist_rating, hist_rated)
+        return torch.stack([rated.sum(-1), (signed * centred).sum(-1), (rated * (2 * hist_liked - 1)).sum(-1)], -1)
+
     def forward(self, cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated, stats_rows=None):
         """The tree head's logit when there is one (fit_collab's default), else the linear one. stats_rows: the rows
         whose statistics, neighbour lists and tables describe the candidate (None: cand_rows); zeros ask "what if
         the candidate had no events yet" -- its text vector still speaks (the fusion's held-out twins)."""
         if self.head is not None:
             x = self.head_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated, stats_rows)
-            return self.head(x[:, : self.head.num_features]).to(x.dtype)  # a head from before the text features
+            return self.head(x[:, : self.head.num_features]).to(x.dtype)  # a head from before the text / EASE features
         return self.linear_logit(cand_rows if stats_rows is None else stats_rows, hist_rows, hist_present, hist_liked,
                                  hist_rating, hist_rated)
 
@@ -182,20 +203,27 @@ class CollabNet(nn.Module):
         item_mean = self.item_mean[stats]
         g = self.neighbour_features(stats, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
         t = self.text_features(cand_rows, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
+        e = self.ease_features(stats, hist_rows, hist_present, hist_liked, hist_rating, hist_rated)
         x = torch.stack([torch.log1p(n), like_rate, mean, std, last5, last, rating_dev, self.item_logcount[stats],
                          self.item_like_rate[stats], item_mean, self.item_std[stats], item_mean + rating_dev], -1)
-        return torch.cat([x, g, t], -1).float()
+        return torch.cat([x, g, t, e.to(x.dtype)], -1).float()
 
     def set_item_statistics(self, cand_rows: torch.Tensor, hist_rows: torch.Tensor, hist_rating: torch.Tensor,
                             hist_rated: torch.Tensor, smoothing: float = 5.0, users: Optional[np.ndarray] = None,
-                            labels: Optional[torch.Tensor] = None) -> None:
+                            labels: Optional[torch.Tensor] = None, ease_items: int = 0, ease_l2: float = 500.0) -> None:
         """Item mean ratings and their spread (from the ratings seen in histories) and candidate counts of the
         training rows; with `labels`, the items' like rates; with `users` (one code per row) too, each item's
-        neighbour list."""
+        neighbour list and, with ease_items > 0, the EASE matrices of the ease_items items with most users."""
         if self.neighbours and users is not None:
             rows, sims = item_neighbours(np.asarray(users), cand_rows.numpy(), labels.numpy(), self.num_items, self.neighbours)
             self.nbr_rows.copy_(torch.from_numpy(rows))
             self.nbr_sims.copy_(torch.from_numpy(sims))
+        if users is not None:  # recomputed by every fit, like the neighbour lists (ease_items 0: none)
+            pos, rated_w, signed_w = ease_weights(np.asarray(users), cand_rows.numpy(), labels.numpy(), self.num_items,
+                                                  ease_items, ease_l2)
+            self.ease_items = len(rated_w) - 1
+            self.ease_pos = torch.from_numpy(pos)  # buffers of a new size: assignment replaces the registered ones
+            self.ease_rated, self.ease_signed = torch.from_numpy(rated_w), torch.from_numpy(signed_w)
         size = self.num_items + 1
         rated = (hist_rated > 0) & (hist_rows != UNKNOWN)
         total = torch.zeros(size).index_add_(0, hist_rows[rated], hist_rating[rated].float())
@@ -251,7 +279,8 @@ class CollabNet(nn.Module):
         the text vectors' size (None keeps this one's; another size starts every row without a vector)."""
         assert num_items >= self.num_items, (num_items, self.num_items)
         neighbours = self.neighbours if neighbours is None else neighbours
-        out = CollabNet(num_items, self.dim, neighbours=neighbours, text_dim=self.text_dim if text_dim is None else text_dim)
+        out = CollabNet(num_items, self.dim, neighbours=neighbours, text_dim=self.text_dim if text_dim is None else text_dim,
+                        ease_items=self.ease_items)
         state = self.state_dict()
         statistics = ("item_rating", "item_logcount", "item_like_rate", "item_mean", "item_std")
         with torch.no_grad():
@@ -261,7 +290,7 @@ class CollabNet(nn.Module):
                     tensor.copy_(old)
                 elif tensor.shape[1:] != old.shape[1:]:  # neighbour lists or text vectors of another size
                     tensor.zero_()
-                else:  # per item: the known rows, then row 0's statistics, or zeros (tables, neighbours, text)
+                else:  # per item: the known rows, then row 0's statistics, or zeros (tables, neighbours, text, EASE)
                     tensor.copy_(old[UNKNOWN].expand_as(tensor) if name in statistics else torch.zeros_like(tensor))
                     tensor[: old.shape[0]].copy_(old)
         out.head = self.head  # read-only; every fit replaces it
@@ -364,31 +393,12 @@ def item_neighbours(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num
     counts once (its mean label). Sparse products: time and memory O(co-rated item pairs), a second for
     MovieLens-100K's 1,682 items or a 92,000-product grocery catalogue."""
     size = num_items + 1
-    users = np.unique(np.asarray(users), return_inverse=True)[1].astype(np.int64)
-    num_users = int(users.max(initial=0)) + 1
-    rows, labels = np.asarray(rows, np.int64), np.asarray(labels, np.float64)
-    pair, inverse = np.unique(rows * num_users + users, return_inverse=True)
-    value = np.bincount(inverse, labels) / np.bincount(inverse)
-    item, user = pair // num_users, pair % num_users
-    keep = item != UNKNOWN
-    item, user, value = item[keep], user[keep], value[keep]
-    centred = value - (np.bincount(user, value, num_users) / np.maximum(np.bincount(user, minlength=num_users), 1))[user]
+    item, user, centred = _user_item_pairs(users, rows, labels)
     out_rows, out_sims = np.zeros((size, k), np.int64), np.zeros((size, k), np.float32)
     if k == 0 or len(item) == 0:
         return out_rows, out_sims
-
-    def gram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(a, b, sum over users of v[a, u] * v[b, u]) for every item pair (a, b) with a common user."""
-        m = torch.sparse_coo_tensor(torch.from_numpy(np.stack([item, user])), torch.from_numpy(values),
-                                    (size, num_users), check_invariants=False).coalesce()
-        with warnings.catch_warnings():  # torch routes sparse @ sparse through its beta CSR kernels
-            warnings.simplefilter("ignore", UserWarning)
-            g = torch.sparse.mm(m, m.t().coalesce()).coalesce()
-        a, b = g.indices().numpy()
-        return a, b, g.values().numpy()
-
-    a, b, co = gram(np.ones(len(item)))  # every pair with a common user
-    a2, b2, part = gram(centred)  # the same pairs, or fewer where the product dropped exact zeros
+    a, b, co = _gram(item, user, np.ones(len(item)), size)  # every pair with a common user
+    a2, b2, part = _gram(item, user, centred, size)  # the same pairs, or fewer where the product dropped exact zeros
     num = np.zeros(len(a))
     num[np.searchsorted(a * size + b, a2 * size + b2)] = part  # both sorted by (a, b)
     norm = np.sqrt(np.bincount(item, centred ** 2, size))
@@ -404,6 +414,74 @@ def item_neighbours(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num
     return out_rows, out_sims
 
 
+def _user_item_pairs(users: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item row, user code, label - the user's mean label) per distinct (user, known item) pair; a pair's label is the
+    mean of its rows'."""
+    users = np.unique(np.asarray(users), return_inverse=True)[1].astype(np.int64)
+    num_users = int(users.max(initial=0)) + 1
+    rows, labels = np.asarray(rows, np.int64), np.asarray(labels, np.float64)
+    pair, inverse = np.unique(rows * num_users + users, return_inverse=True)
+    value = np.bincount(inverse, labels) / np.bincount(inverse)
+    item, user = pair // num_users, pair % num_users
+    keep = item != UNKNOWN
+    item, user, value = item[keep], user[keep], value[keep]
+    centred = value - (np.bincount(user, value, num_users) / np.maximum(np.bincount(user, minlength=num_users), 1))[user]
+    return item, user, centred
+
+
+def _gram(item: np.ndarray, user: np.ndarray, values: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, sum over users of v[a, u] * v[b, u]) for every item pair (a, b) with a common user, sorted by (a, b);
+    v[item, user] = values, items < size."""
+    m = torch.sparse_coo_tensor(torch.from_numpy(np.stack([item, user])), torch.from_numpy(values),
+                                (size, int(user.max(initial=0)) + 1), check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # torch routes sparse @ sparse through its beta CSR kernels
+        warnings.simplefilter("ignore", UserWarning)
+        g = torch.sparse.mm(m, m.t().coalesce()).coalesce()
+    a, b = g.indices().numpy()
+    return a, b, g.values().numpy()
+
+
+def ease_weights(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num_items: int, max_items: int,
+                 l2: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", 2019) over the `max_items` items with most
+    users: B = argmin ||X - X B||^2 + l2 ||B||^2 with diag(B) = 0, in closed form: P = (X^T X + l2 I)^-1,
+    B[i, j] = -P[i, j] / P[j, j]. Two of them: X = which items each user has (B_rated), and X = the user-centred
+    labels (B_signed, the pairs of item_neighbours). Returns (positions (num_items + 1,): an item row's index in
+    the matrices, 0 = not in them; B_rated, B_signed, each (m + 1, m + 1) float32 with a zero row and column 0).
+    Time O(m^3): about a second for 2,000 items on 2 cores; memory m^2 floats per matrix."""
+    size = num_items + 1
+    item, user, centred = _user_item_pairs(users, rows, labels)
+    count = np.bincount(item, minlength=size)
+    count[UNKNOWN] = 0
+    chosen = np.argsort(-count, kind="stable")[: max(max_items, 0)]
+    chosen = np.sort(chosen[count[chosen] > 0])
+    m = len(chosen)
+    pos = np.zeros(size, np.int64)
+    pos[chosen] = np.arange(1, m + 1)
+    out = []
+    keep = pos[item] > 0
+    for values in (np.ones(int(keep.sum())), centred[keep]):
+        gram = np.zeros((m + 1, m + 1))
+        if m:
+            a, b, v = _gram(pos[item[keep]], user[keep], values, m + 1)
+            gram[a, b] = v
+        gram = gram[1:, 1:] + l2 * np.eye(m)
+        p = np.linalg.inv(gram)
+        weights = np.zeros((m + 1, m + 1), np.float32)
+        weights[1:, 1:] = -p / np.diag(p)[None, :]
+        np.fill_diagonal(weights, 0.0)
+        out.append(weights)
+    return pos, out[0], out[1]
+
+
+def _centred(hist_present, hist_liked, hist_rating, hist_rated):
+    """(B, H): rating_j - the history's mean rating, or label_j - the history's like rate for an unrated event."""
+    n = hist_present.sum(-1, keepdim=True)
+    like_rate = (hist_liked * hist_present).sum(-1, keepdim=True) / n.clamp(min=1.0)
+    mean_rating = (hist_rating * hist_rated).sum(-1, keepdim=True) / hist_rated.sum(-1, keepdim=True).clamp(min=1.0)
+    return torch.where(hist_rated > 0, hist_rating - mean_rating, hist_liked - like_rate)
+
+
 def _masked_mean(x, mask):
     """x (B, H, D), mask (B, H) -> (B, D); zero where the mask is empty."""
     return (x * mask.unsqueeze(-1)).sum(1) / mask.sum(-1, keepdim=True).clamp(min=1.0)
@@ -414,9 +492,7 @@ def _similarity_features(s, known, hist_present, hist_liked, hist_rating, hist_r
     the history's centred ratings (centred_j = rating_j - the history's mean rating, or label_j - like rate for an
     unrated event), the largest similarity to a liked item and to a not-liked one, and the mean similarity."""
     n = hist_present.sum(-1, keepdim=True)
-    like_rate = (hist_liked * hist_present).sum(-1, keepdim=True) / n.clamp(min=1.0)
-    mean_rating = (hist_rating * hist_rated).sum(-1, keepdim=True) / hist_rated.sum(-1, keepdim=True).clamp(min=1.0)
-    centred = torch.where(hist_rated > 0, hist_rating - mean_rating, hist_liked - like_rate)
+    centred = _centred(hist_present, hist_liked, hist_rating, hist_rated)
     score = (s * centred).sum(-1) / (s.abs().sum(-1) + 1e-3)
     max_liked = (s * hist_liked * known).max(-1).values.clamp(min=0.0)
     max_disliked = (s * (1 - hist_liked) * known).max(-1).values.clamp(min=0.0)
@@ -441,12 +517,14 @@ class FitReport:
 def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, labels: np.ndarray, *, epochs: int = 8,
                batch_size: int = 1024, lr: float = 0.01, l2: float = 1e-4, seed: int = 0,
                val_fraction: float = 0.0, users: Optional[np.ndarray] = None, head_fraction: float = 0.0,
-               head_trees: int = 400, head_leaves: int = 15, head_min_rows: int = 1000) -> FitReport:
+               head_trees: int = 400, head_leaves: int = 15, head_min_rows: int = 1000, ease_items: int = 0,
+               ease_l2: float = 500.0) -> FitReport:
     """Mini-batch Adam on BCE (in place). Rows are in time order; with val_fraction > 0 the latest rows first
     choose the number of epochs (early stopping on their loss), then the tables are fitted on every row
     for that many epochs from the same start -- the newest rows matter most for the next period.
     users: the user of each row (any hashable ids), for the neighbour lists (net.neighbours > 0).
-    head_fraction > 0: then the tree head (fit_tree_head) learns from the newest head_fraction of the rows."""
+    head_fraction > 0: then the tree head (fit_tree_head) learns from the newest head_fraction of the rows.
+    ease_items > 0 (with users): the EASE matrices of that many items (ease_weights, L2 ease_l2), read by the head."""
     started = time.time()
     net.head = None  # the tables learn the linear logit; a warm start's old head is replaced below
     tensors = batch_tensors(cand_rows, hist)
@@ -459,8 +537,9 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
         with torch.no_grad():
             net.set_item_statistics(tensors["cand_rows"][rows], tensors["hist_rows"][rows],
                                     tensors["hist_rating"][rows], tensors["hist_rated"][rows],
-                                    users=None if users is None else users[rows], labels=y[rows])
+                                    users=None if users is None else users[rows], labels=y[rows], **ease)
 
+    ease = dict(ease_items=ease_items, ease_l2=ease_l2)
     statistics(slice(0, n - n_val))  # the held-out rows stay unseen while choosing
     chosen = epochs
     if n_val:
@@ -482,23 +561,26 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
     head_rows = 0
     if head_fraction > 0:
         net.head, head_rows = fit_tree_head(net, tensors, y, users, head_fraction, head_trees, head_leaves,
-                                            head_min_rows, seed)
+                                            head_min_rows, seed, **ease)
     return FitReport(n, chosen, time.time() - started, loss_value, head_rows)
 
 
-def head_examples(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optional[np.ndarray], k: int) -> np.ndarray:
+def head_examples(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optional[np.ndarray], k: int,
+                  ease_items: int = 0, ease_l2: float = 500.0) -> np.ndarray:
     """The head's features of rows [k, n), read against statistics of rows [0, k) alone (a copy of `net`)."""
     snap = copy.deepcopy(net)
     with torch.no_grad():
         snap.set_item_statistics(tensors["cand_rows"][:k], tensors["hist_rows"][:k], tensors["hist_rating"][:k],
-                                 tensors["hist_rated"][:k], users=None if users is None else users[:k], labels=y[:k])
+                                 tensors["hist_rated"][:k], users=None if users is None else users[:k], labels=y[:k],
+                                 ease_items=ease_items, ease_l2=ease_l2)
         chunk = 2048  # each chunk gathers chunk x history x text_dim floats (~160 MB for MiniLM, 50 history items)
         return torch.cat([snap.head_features(**{key: v[i:i + chunk] for key, v in tensors.items()})
                           for i in range(k, len(y), chunk)]).numpy()
 
 
 def fit_tree_head(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optional[np.ndarray], fraction: float,
-                  trees: int, leaves: int, min_rows: int, seed: int = 0) -> tuple[Optional[TreeHead], int]:
+                  trees: int, leaves: int, min_rows: int, seed: int = 0, ease_items: int = 0,
+                  ease_l2: float = 500.0) -> tuple[Optional[TreeHead], int]:
     """(gradient-boosted trees on head_features, the rows they learned from), or (None, 0) when fewer than
     `min_rows` rows (or one label) would teach them. Time-respecting: the newest `fraction` of the rows are the
     examples, and the statistics they read (item rates, means, neighbour lists) come from the older rows alone, as a
@@ -511,7 +593,7 @@ def fit_tree_head(net: CollabNet, tensors: dict, y: torch.Tensor, users: Optiona
         return None, 0
     import lightgbm as lgb  # training only: the head scores in torch
 
-    x = head_examples(net, tensors, y, users, k)
+    x = head_examples(net, tensors, y, users, k, ease_items, ease_l2)
     params = dict(objective="binary", learning_rate=0.03, num_leaves=leaves, min_data_in_leaf=50, bagging_fraction=0.8,
                   bagging_freq=1, feature_fraction=0.8, lambda_l2=1.0, use_missing=False, deterministic=True,
                   force_row_wise=True, num_threads=max(1, torch.get_num_threads()), seed=seed, verbose=-1)
@@ -561,6 +643,7 @@ def save_collab(net: CollabNet, vocab: ItemVocab, out_dir: str | Path) -> None:
         tensors.update(net.head.tensors())
     save_file(tensors, str(out_dir / WEIGHTS_FILE))
     (out_dir / VOCAB_FILE).write_text(json.dumps({"dim": net.dim, "neighbours": net.neighbours, "text_dim": net.text_dim,
+                                                  "ease_items": net.ease_items,
                                                   "head_features": list(HEAD_FEATURES) if net.head else [],
                                                   "item_ids": vocab.ids}))
 
@@ -575,13 +658,13 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
         meta = json.loads((model_dir / VOCAB_FILE).read_text())
         vocab = ItemVocab(meta["item_ids"])
         net = CollabNet(len(vocab), int(meta["dim"]), neighbours=int(meta.get("neighbours", 0)),
-                        text_dim=int(meta.get("text_dim", 0)))
+                        text_dim=int(meta.get("text_dim", 0)), ease_items=int(meta.get("ease_items", 0)))
         tensors = load_file(str(model_dir / WEIGHTS_FILE))
         head = {k: tensors.pop(k) for k in list(tensors) if k.startswith("head.")}
         net.load_state_dict(_upgraded(tensors, net))
         if meta.get("head_features"):
             names = list(meta["head_features"])
-            if names != list(HEAD_FEATURES[: len(names)]):  # a head from before the text features reads a prefix
+            if names != list(HEAD_FEATURES[: len(names)]):  # a head from before the text or EASE features reads a prefix
                 raise ValueError(f"its tree head reads features {names}, this code computes "
                                  f"{list(HEAD_FEATURES)}; refit the tables (a new round) with this version")
             net.head = TreeHead.from_tensors(head, len(names))
@@ -595,8 +678,10 @@ def load_collab(model_dir: str | Path) -> tuple[CollabNet, ItemVocab]:
 def _upgraded(state: dict, net: CollabNet) -> dict:
     """Tables saved before the neighbour terms (7 feature weights, no neighbour lists) load with those terms
     weighted zero: the same scores as before. Tables saved before the tree head lack its item statistics (unused
-    without a head), tables saved before the text features their vectors (text_dim 0)."""
-    for name in ("item_like_rate", "item_mean", "item_std", "global_rating", "item_text"):
+    without a head), tables saved before the text features their vectors (text_dim 0), tables saved before the EASE
+    features their matrices (ease_items 0: the features are zero, and an older head does not read them)."""
+    for name in ("item_like_rate", "item_mean", "item_std", "global_rating", "item_text", "ease_pos", "ease_rated",
+                 "ease_signed"):
         state.setdefault(name, getattr(net, name))
     w = state.get("user_features.weight")
     if w is not None and w.shape[1] == NUM_FEATURES - NUM_NEIGHBOUR_FEATURES:

@@ -122,12 +122,18 @@ class CollabConfig(_Section):
     # with text_sims: every catalogue item gets a row and its vector before its first event, so a new item meets the
     # history by its text from the start (encoding ~4 ms per item on 2 cores, once); false: only items with events
     catalog_rows: bool = True
+    # the head also reads the history through two EASE item-item regressions (closed form, refitted every round) over
+    # the ease_items items with most users: ease_items^2 floats per matrix (2 x 11 MB for MovieLens' 1,682 items);
+    # 0 = none. ease_l2: their L2 penalty
+    ease_items: int = Field(2000, ge=0)
+    ease_l2: float = Field(500.0, gt=0.0)
 
     def fit_kwargs(self) -> dict:
         """The keyword arguments of collab.fit_collab this section sets."""
         return dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, l2=self.l2,
                     val_fraction=self.val_fraction, head_fraction=self.head_fraction, head_trees=self.head_trees,
-                    head_leaves=self.head_leaves, head_min_rows=self.head_min_rows)
+                    head_leaves=self.head_leaves, head_min_rows=self.head_min_rows, ease_items=self.ease_items,
+                    ease_l2=self.ease_l2)
 
 
 class ModelConfig(_Section):

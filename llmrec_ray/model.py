@@ -319,7 +319,8 @@ def save_export(model, tokenizer, cfg: Config, out_dir: str | Path, state_dict: 
         scorer.lm.save_pretrained(out_dir, state_dict=lm_state, safe_serialization=True)
         if scorer.is_hybrid:  # copy the consolidated collab/fusion weights into a CPU twin before saving
             c = scorer.collab
-            twin = HybridScorer(scorer.lm, CollabNet(c.num_items, c.dim, neighbours=c.neighbours, text_dim=c.text_dim),
+            twin = HybridScorer(scorer.lm, CollabNet(c.num_items, c.dim, neighbours=c.neighbours, text_dim=c.text_dim,
+                                                     ease_items=c.ease_items),
                                 scorer.vocab)
             twin.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith("lm.")}, strict=False)
             twin.collab.head = c.head  # not in the state dict (collab.CollabNet.head)

@@ -316,14 +316,14 @@ def test_tables_saved_before_the_neighbour_terms_load_and_score_as_before(tmp_pa
     save_collab(net, vocab, tmp_path)
     state = load_file(str(tmp_path / "collab.safetensors"))  # rewrite it as the earlier format: 7 weights, no lists
     w = state["user_features.weight"]
-    state = {k: v for k, v in state.items() if not k.startswith("nbr_")}
+    state = {k: v for k, v in state.items() if not k.startswith(("nbr_", "ease_"))}
     state["user_features.weight"] = torch.cat([w[:, :NUM_HISTORY_FEATURES], w[:, -1:]], 1).contiguous()
     save_file(state, str(tmp_path / "collab.safetensors"))
     meta = json.loads((tmp_path / "collab_vocab.json").read_text())
-    del meta["neighbours"]
+    del meta["neighbours"], meta["ease_items"]
     (tmp_path / "collab_vocab.json").write_text(json.dumps(meta))
     old, vocab2 = load_collab(tmp_path)
-    assert old.neighbours == 0 and old.user_features.weight.shape[1] == w.shape[1]
+    assert old.neighbours == 0 and old.user_features.weight.shape[1] == w.shape[1] and old.ease_items == 0
     np.testing.assert_allclose(predict_logits(old, vocab2.rows(["a", "b", "c"]), hist), before, atol=1e-6)
 
 
@@ -377,10 +377,11 @@ def test_tree_head_learns_from_past_statistics_only_and_travels_with_the_tables(
     t = batch_tensors(rows, hist)
     k = int(len(labels) * 0.9)
     x = head_examples(CollabNet(len(vocab), 4, neighbours=5), t, torch.tensor(labels, dtype=torch.float32),
-                      np.array(users), k)
+                      np.array(users), k, ease_items=30)
     new = rows[k:] == vocab.index["new"]
     assert new.any()
-    for name in ("item_logcount", "item_std"):
+    assert (x[~new, HEAD_FEATURES.index("ease_score")] != 0).any()
+    for name in ("item_logcount", "item_std", "ease_score", "ease_signed", "ease_liked_minus_disliked"):
         assert (x[new, HEAD_FEATURES.index(name)] == 0).all(), name
     # its like rate is the prior (the older rows' overall rate), not the 0.9 of its own rows
     np.testing.assert_allclose(x[new, HEAD_FEATURES.index("item_like_rate")], labels[:k].mean(), rtol=1e-5)
@@ -388,8 +389,9 @@ def test_tree_head_learns_from_past_statistics_only_and_travels_with_the_tables(
 
     net = CollabNet(len(vocab), 4, neighbours=5)
     report = fit_collab(net, rows, hist, labels, epochs=2, users=np.array(users), head_fraction=0.5, head_trees=20,
-                        head_min_rows=500)
+                        head_min_rows=500, ease_items=10)
     assert net.head is not None and report.head_rows == 1500
+    assert net.ease_items == 10 and net.ease_rated.shape == (11, 11) and int((net.ease_pos > 0).sum()) == 10
     with torch.no_grad():
         linear = net.linear_logit(**{k: v for k, v in t.items()}).numpy()
     p = predict_logits(net, rows, hist)
@@ -401,6 +403,8 @@ def test_tree_head_learns_from_past_statistics_only_and_travels_with_the_tables(
     net2, vocab2 = load_collab(tmp_path)
     assert json.loads((tmp_path / "collab_vocab.json").read_text())["head_features"] == list(HEAD_FEATURES)
     np.testing.assert_allclose(predict_logits(net2, vocab2.rows(cands), hist), p, atol=1e-6)
+    for name in ("ease_pos", "ease_rated", "ease_signed"):
+        assert torch.equal(getattr(net2, name), getattr(net, name)), name
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(tmp_path / "collab.safetensors"))
@@ -413,6 +417,7 @@ def test_tree_head_learns_from_past_statistics_only_and_travels_with_the_tables(
         load_collab(tmp_path / "bad")
     grown, vocab3 = warm_start((net2, vocab2), ["brand-new"], 4, 5)  # a next round starts from it, head included
     np.testing.assert_allclose(predict_logits(grown, vocab3.rows(cands), hist), p, atol=1e-6)
+    assert torch.equal(grown.ease_pos[: len(net.ease_pos)], net.ease_pos) and grown.ease_pos[-1] == 0  # new: none
     # too few rows for the head: none this round, the linear sum scores
     small = CollabNet(len(vocab), 4)
     assert fit_collab(small, rows[:400], type(hist)(*(a[:400] for a in hist.as_dict().values())), labels[:400],
@@ -429,8 +434,12 @@ def test_the_tree_head_survives_the_consolidated_state_dict_export(cfg, tmp_path
 
     model, tokenizer = _hybrid(cfg)
     rng = np.random.default_rng(0)
+    c = model.collab  # EASE matrices over all three items: the twin must be built with their size
+    c.ease_items, c.ease_pos = 3, torch.arange(4)
+    c.ease_rated, c.ease_signed = (torch.nn.functional.pad(torch.randn(3, 3), (1, 0, 1, 0)) for _ in range(2))
     x = rng.normal(size=(400, len(HEAD_FEATURES))).astype(np.float32)
-    booster = lgb.train(_lgb_params(), lgb.Dataset(x, (x[:, 1] > 0).astype(float), params={"verbose": -1}), 5)
+    y = ((x[:, 1] > 0) ^ (x[:, HEAD_FEATURES.index("ease_score")] > 0)).astype(float)
+    booster = lgb.train(_lgb_params(), lgb.Dataset(x, y, params={"verbose": -1}), 5)
     model.collab.head = TreeHead.from_lightgbm(booster.dump_model())
     frame = _frame(["1", "2", "9"], [["2"], [], ["2", "1"]])
     before = score_frame(model, tokenizer, cfg, frame)
@@ -439,7 +448,7 @@ def test_the_tree_head_survives_the_consolidated_state_dict_export(cfg, tmp_path
     model.collab.head = TreeHead.from_lightgbm(booster.dump_model())
     save_export(model, tokenizer, cfg, tmp_path / "m", state_dict=model.state_dict())
     loaded, tok2, cfg2 = load_export(tmp_path / "m")
-    assert loaded.collab.head is not None
+    assert loaded.collab.head is not None and torch.equal(loaded.collab.ease_rated, c.ease_rated)
     np.testing.assert_allclose(score_frame(loaded, tok2, cfg2, frame), before, atol=1e-6)
 
 
@@ -465,7 +474,8 @@ def test_text_terms_read_the_history_against_the_candidate_by_their_texts():
     assert (f[2:] == 0).all()  # no vector, unknown candidate, no history: no text evidence
     x = net.head_features(cands, **t)
     assert x.shape[1] == len(HEAD_FEATURES)
-    torch.testing.assert_close(x[:, -NUM_TEXT_FEATURES:], f)
+    first = HEAD_FEATURES.index("text_score")
+    torch.testing.assert_close(x[:, first:first + NUM_TEXT_FEATURES], f)
     assert (CollabNet(4, 4).text_features(cands, **t) == 0).all()  # text_dim 0: the terms are off
 
 
@@ -618,3 +628,60 @@ def test_a_tree_head_from_before_the_text_terms_loads_and_scores_as_before(tmp_p
     (tmp_path / "collab_vocab.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="refit the tables"):
         load_collab(tmp_path)
+
+
+def test_ease_weights_are_the_closed_form_over_the_items_with_most_users():
+    from llmrec_ray.collab import ease_weights
+
+    rng = np.random.default_rng(0)
+    num_users, num_items, l2 = 40, 9, 5.0
+    users = rng.integers(num_users, size=400)
+    rows = np.minimum(rng.geometric(0.25, size=400), num_items)  # item 1 most frequent, then 2, ...
+    labels = (rng.random(400) < 0.5).astype(float)
+    count, liked = np.zeros((num_users, num_items + 1)), np.zeros((num_users, num_items + 1))
+    np.add.at(count, (users, rows), 1.0)
+    np.add.at(liked, (users, rows), labels)
+    has = count > 0
+    label = np.where(has, liked / np.maximum(count, 1), 0.0)  # a (user, item) pair's mean label
+    centred = np.where(has, label - (label.sum(1) / has.sum(1))[:, None], 0.0)
+    by_users = has.sum(0)
+
+    def closed_form(x):
+        p = np.linalg.inv(x.T @ x + l2 * np.eye(x.shape[1]))
+        b = -p / np.diag(p)[None, :]
+        np.fill_diagonal(b, 0.0)
+        return b
+
+    for cap in (num_items, 4):
+        pos, rated, signed = ease_weights(users, rows, labels, num_items, cap, l2)
+        kept = np.sort(np.argsort(-by_users[1:], kind="stable")[:cap] + 1)  # the cap items with most users
+        assert sorted(np.nonzero(pos)[0]) == list(kept) and pos[0] == 0
+        at = np.ix_(pos[kept], pos[kept])
+        np.testing.assert_allclose(rated[at], closed_form(has[:, kept].astype(float)), atol=1e-5)
+        np.testing.assert_allclose(signed[at], closed_form(centred[:, kept]), atol=1e-5)
+        assert (rated[0] == 0).all() and (rated[:, 0] == 0).all() and rated.shape == (cap + 1, cap + 1)
+    pos, rated, _ = ease_weights(users, rows, labels, num_items, 0, l2)  # off
+    assert (pos == 0).all() and rated.shape == (1, 1)
+
+
+def test_ease_terms_read_the_history_through_the_matrices():
+    from llmrec_ray.collab import HEAD_FEATURES, NUM_EASE_FEATURES
+
+    vocab = ItemVocab(["a", "b", "c", "d"])
+    net = CollabNet(4, 4, ease_items=3)
+    net.ease_pos = torch.tensor([0, 1, 2, 3, 0])  # a, b, c in the matrices; d not
+    w = torch.zeros(4, 4)
+    w[2, 1], w[3, 1], w[1, 2] = 0.5, -0.25, 2.0  # B[b, a], B[c, a], B[a, b]
+    net.ease_rated, net.ease_signed = w, 2 * w
+    # history (newest first): b rated 5 (liked), c rated 1, d rated 4 (liked; not in the matrices), unknown rated 3
+    hist = history_arrays(vocab, [["b", "c", "d", "zz"]] * 3, [[5.0, 1.0, 4.0, 3.0]] * 3, [[]] * 3, 4, 4.0)
+    t = {k: torch.from_numpy(v) for k, v in hist.as_dict().items()}
+    f = net.ease_features(torch.tensor([1, 4, 0]), **t)  # a, d, unknown
+    # on the (r - 4) / 2 scale the ratings are b 0.5, c -1.5, d 0, zz -0.5: the history's mean -0.375
+    centred_b, centred_c = 0.5 + 0.375, -1.5 + 0.375
+    torch.testing.assert_close(f[0], torch.tensor([0.25, 2 * (0.5 * centred_b - 0.25 * centred_c), 0.75]))
+    assert (f[1:] == 0).all()  # candidates outside the matrices: no EASE evidence
+    x = net.head_features(torch.tensor([1, 4, 0]), **t)
+    torch.testing.assert_close(x[:, -NUM_EASE_FEATURES:], f)
+    assert HEAD_FEATURES[-NUM_EASE_FEATURES:] == ("ease_score", "ease_signed", "ease_liked_minus_disliked")
+    assert (CollabNet(4, 4).ease_features(torch.tensor([1, 2]), **{k: v[:2] for k, v in t.items()}) == 0).all()
