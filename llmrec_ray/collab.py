@@ -533,14 +533,16 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
     n = len(y)
     n_val = int(n * val_fraction) if epochs > 1 else 0
 
-    def statistics(rows: slice) -> None:
+    def statistics(rows: slice, final: bool) -> None:
+        """The EASE matrices only for the statistics that are kept: the linear sum, all that the epochs train and
+        choose on, does not read them (a second apiece for MovieLens)."""
         with torch.no_grad():
             net.set_item_statistics(tensors["cand_rows"][rows], tensors["hist_rows"][rows],
                                     tensors["hist_rating"][rows], tensors["hist_rated"][rows],
-                                    users=None if users is None else users[rows], labels=y[rows], **ease)
+                                    users=None if users is None else users[rows], labels=y[rows],
+                                    ease_items=ease_items if final else 0, ease_l2=ease_l2)
 
-    ease = dict(ease_items=ease_items, ease_l2=ease_l2)
-    statistics(slice(0, n - n_val))  # the held-out rows stay unseen while choosing
+    statistics(slice(0, n - n_val), final=n_val == 0)  # the held-out rows stay unseen while choosing
     chosen = epochs
     if n_val:
         start = copy.deepcopy(net.state_dict())
@@ -553,7 +555,7 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
                 net.train()
         chosen = int(np.argmin(losses)) + 1
         net.load_state_dict(start)
-        statistics(slice(0, n))
+        statistics(slice(0, n), final=True)
     loss_value = float("nan")
     for loss_value in _epochs(net, tensors, y, chosen, batch_size, lr, l2, seed):
         pass
@@ -561,7 +563,7 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
     head_rows = 0
     if head_fraction > 0:
         net.head, head_rows = fit_tree_head(net, tensors, y, users, head_fraction, head_trees, head_leaves,
-                                            head_min_rows, seed, **ease)
+                                            head_min_rows, seed, ease_items, ease_l2)
     return FitReport(n, chosen, time.time() - started, loss_value, head_rows)
 
 
