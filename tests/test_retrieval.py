@@ -268,10 +268,11 @@ def test_with_a_tree_head_the_shortlist_is_the_heads_top_n_of_a_wider_linear_lis
     linear = shortlist_ids(model, cfg, index, history, ratings, 3, pool=pool)
     # a head that ranks by the items' like rates, which the linear sum does not read
     rng = np.random.default_rng(0)
-    x = rng.random((500, len(HEAD_FEATURES))).astype(np.float32)
+    x = np.zeros((500, len(HEAD_FEATURES)), np.float32)  # only the like rate varies: no split reads another feature
     col = HEAD_FEATURES.index("item_like_rate")
-    params = dict(objective="binary", num_leaves=4, min_data_in_leaf=5, use_missing=False, verbose=-1, num_threads=1)
-    booster = lgb.train(params, lgb.Dataset(x, (x[:, col] > 0.5).astype(float), params={"verbose": -1}), 20)
+    x[:, col] = rng.random(500)
+    params = dict(objective="regression", num_leaves=4, min_data_in_leaf=5, use_missing=False, verbose=-1, num_threads=1)
+    booster = lgb.train(params, lgb.Dataset(x, x[:, col], params={"verbose": -1}), 50)  # a fine staircase of the rate
     with torch.no_grad():
         model.collab.item_like_rate.copy_(torch.from_numpy(rng.permutation(len(KNOWN) + 1) / (len(KNOWN) + 1.0)))
     model.collab.head = TreeHead.from_lightgbm(booster.dump_model())
