@@ -448,7 +448,7 @@ def ease_weights(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num_it
     B[i, j] = -P[i, j] / P[j, j]. Two of them: X = which items each user has (B_rated), and X = the user-centred
     labels (B_signed, the pairs of item_neighbours). Returns (positions (num_items + 1,): an item row's index in
     the matrices, 0 = not in them; B_rated, B_signed, each (m + 1, m + 1) float32 with a zero row and column 0).
-    Time O(m^3): about a second for 2,000 items on 2 cores; memory m^2 floats per matrix."""
+    Time O(m^3): about 2 s for both of MovieLens' (1,682 items) on 2 cores; memory m^2 floats per matrix."""
     size = num_items + 1
     item, user, centred = _user_item_pairs(users, rows, labels)
     count = np.bincount(item, minlength=size)

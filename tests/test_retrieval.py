@@ -271,8 +271,9 @@ def test_with_a_tree_head_the_shortlist_is_the_heads_top_n_of_a_wider_linear_lis
     x = np.zeros((500, len(HEAD_FEATURES)), np.float32)  # only the like rate varies: no split reads another feature
     col = HEAD_FEATURES.index("item_like_rate")
     x[:, col] = rng.random(500)
-    params = dict(objective="regression", num_leaves=4, min_data_in_leaf=5, use_missing=False, verbose=-1, num_threads=1)
-    booster = lgb.train(params, lgb.Dataset(x, x[:, col], params={"verbose": -1}), 50)  # a fine staircase of the rate
+    params = dict(objective="regression", num_leaves=4, min_data_in_leaf=5, use_missing=False, verbose=-1,
+                  num_threads=1)
+    booster = lgb.train(params, lgb.Dataset(x, x[:, col].copy(), params={"verbose": -1}), 50)  # a staircase of it
     with torch.no_grad():
         model.collab.item_like_rate.copy_(torch.from_numpy(rng.permutation(len(KNOWN) + 1) / (len(KNOWN) + 1.0)))
     model.collab.head = TreeHead.from_lightgbm(booster.dump_model())
