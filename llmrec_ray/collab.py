@@ -450,10 +450,12 @@ def ease_weights(users: np.ndarray, rows: np.ndarray, labels: np.ndarray, num_it
     the matrices, 0 = not in them; B_rated, B_signed, each (m + 1, m + 1) float32 with a zero row and column 0).
     Time O(m^3): about 2 s for both of MovieLens' (1,682 items) on 2 cores; memory m^2 floats per matrix."""
     size = num_items + 1
+    if max_items <= 0:  # off (and the statistics fit_collab does not keep): no pairs to gather
+        return np.zeros(size, np.int64), np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32)
     item, user, centred = _user_item_pairs(users, rows, labels)
     count = np.bincount(item, minlength=size)
     count[UNKNOWN] = 0
-    chosen = np.argsort(-count, kind="stable")[: max(max_items, 0)]
+    chosen = np.argsort(-count, kind="stable")[:max_items]
     chosen = np.sort(chosen[count[chosen] > 0])
     m = len(chosen)
     pos = np.zeros(size, np.int64)
