@@ -104,7 +104,7 @@ class CollabConfig(_Section):
     """The collaborative part of the hybrid scorer (llmrec_ray/collab.py): item tables + history-read user side."""
     dim: int = Field(16, ge=1)  # item embedding size
     history_len: int = Field(50, ge=0)  # history items it reads (ids, ratings): longer than the text's, it is cheap
-    neighbours: int = Field(50, ge=0)  # item-item neighbours kept per item for the neighbour terms; 0 = none
+    neighbours: int = Field(100, ge=0)  # item-item neighbours kept per item for the neighbour terms; 0 = none
     epochs: int = Field(6, ge=1)  # at most this many passes over all history per round (warm-started tables)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # the latest rows choose the number of epochs (early stopping)
     lr: float = Field(0.02, gt=0.0)

@@ -5,14 +5,16 @@
     collab part  item tables + a user side read from the history's item ids and ratings (llmrec_ray/collab.py);
                  its tree head also compares the items' texts, through sentence vectors of the frozen backbone
     logit = collab_logit + w1 * lm_logit + w2 * lm_logit * unknown + w3 * unknown + b   (unknown: 1 when the
-            tables hold no event of the candidate; the fusion weights learn how much the text must carry then)
+            tables hold no event of the candidate; the fusion weights learn how much the text must carry then;
+            b = -w1 x the mean text logit of the rows they were fitted on: known items keep the tables' calibration)
 
 Why late fusion, fitted by stacking: the collaborative part is trained on all history in seconds (items are rows,
 not (user, item) pairs through a transformer); the language model learns, with DeepSpeed, to score from text alone
-(its own BCE: what a new item needs); then the four fusion weights are fitted on the round's validation rows, which
-neither part trained on (`fit_fusion`). Each part stays usable alone -- `model.kind=text` is the cross-encoder by
-itself. Training the text part through the fused loss instead (a residual of the tables) was measured first: early
-stopping kept the untrained text part (best at step 0 in three of four runs). CoLLM-style collaborative tokens
+(its own BCE: what a new item needs); then the fusion weights are fitted on the round's validation rows, which
+neither part trained on (`fit_fusion`; three free, the bias tied so that known items keep the tables' calibration).
+Each part stays usable alone -- `model.kind=text` is the cross-encoder by itself. Training the text part through
+the fused loss instead (a residual of the tables) was measured first: early stopping kept the untrained text part
+(best at step 0 in three of four runs). CoLLM-style collaborative tokens
 (the user and item vectors mapped into the input embeddings) were measured too: at a round's 800 rows the
 cross-encoder reads them worse than the tables score alone (benchmarks/collm_probe.py). Figures: README,
 benchmarks/quality_ml100k.py, cold_items.py.
@@ -45,7 +47,8 @@ FUSION_FILE = "fusion.json"
 # of the log loss in a weight, the prior 2 * 5 = 10: it counts like ~300 rows. A MovieLens weekly round's ~160 rows
 # (80 validation rows + their hidden twins; unshrunk, the text weight swung between -0.9 and +1.0 from week to week)
 # move the weights a third of the way to what they alone say, a 20,000-row validation set 98% of the way. The bias
-# too: left free, 80 rows set it anywhere in -0.13..+0.27 from week to week, which cost pooled AUC across weeks.
+# is not free (fit_fusion ties it): left free, 80 rows set it anywhere in -0.13..+0.27 from week to week, which cost
+# pooled AUC across weeks.
 FUSION_PRIOR_STRENGTH = 5.0
 REQUIRED_FILES = ("config.json", "model.safetensors", CONFIG_FILE)
 HYBRID_FILES = (WEIGHTS_FILE, VOCAB_FILE, FUSION_FILE)
@@ -115,28 +118,37 @@ def fit_fusion(lm_logit, cf, cf_unknown, unknown, labels, prior: Optional[Sequen
     candidate is known, once more as if it were not (cf_unknown: the collaborative logit with the candidate's
     statistics those of an item without events -- its text vector kept --, unknown=1), so the unknown-item weights
     learn how far the text must carry an item the tables hold no event of.
-    A Gaussian prior holds the four numbers near `prior` (the promoted version's; None: zeros, the tables alone):
-    penalty strength * |w - prior|^2 against the summed log loss, so a round with a few hundred validation rows
-    moves them only as far as its evidence carries. All inputs: (N,) tensors."""
+    Known items keep the tables' calibration: the bias is tied to -w_lm x the mean text logit of the held-out rows,
+    so the text term shifts their mean logit by nothing there. A free bias fitted on a weekly round's ~80 rows
+    follows their base rate (standard error ~0.3 logit), and its week-to-week moves shift whole weeks against each
+    other, which costs AUC across weeks; the tables learned their calibration from thousands of rows.
+    A Gaussian prior holds the three free numbers near `prior` (the promoted version's; None: zeros, the tables
+    alone): penalty strength * |w - prior|^2 against the summed log loss, so a round with a few hundred validation
+    rows moves them only as far as its evidence carries. All inputs: (N,) tensors."""
     lm_logit, cf, cf_unknown, unknown, labels = (torch.as_tensor(t, dtype=torch.float64).reshape(-1)
                                                  for t in (lm_logit, cf, cf_unknown, unknown, labels))
     known = unknown == 0
+    centre_lm = lm_logit[known].mean() if bool(known.any()) else lm_logit.mean()
     lm_all = torch.cat([lm_logit, lm_logit[known]])
     u = torch.cat([unknown, torch.ones(int(known.sum()), dtype=torch.float64)])
     offset, y = torch.cat([cf, cf_unknown[known]]), torch.cat([labels, labels[known]])
-    centre = torch.as_tensor(list(prior) if prior is not None else [0.0] * 4, dtype=torch.float64)
+    centre = torch.as_tensor(list(prior)[:3] if prior is not None else [0.0] * 3, dtype=torch.float64)
     w = centre.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
 
+    def weights(free: torch.Tensor) -> torch.Tensor:  # (lm, lm * unknown, unknown) -> the four, bias tied
+        return torch.cat([free, -free[:1] * centre_lm])
+
     def closure():
         opt.zero_grad()
-        nll = torch.nn.functional.binary_cross_entropy_with_logits(fuse(offset, lm_all, u, w), y, reduction="sum")
+        nll = torch.nn.functional.binary_cross_entropy_with_logits(fuse(offset, lm_all, u, weights(w)), y,
+                                                                   reduction="sum")
         loss = (nll + strength * ((w - centre) ** 2).sum()) / len(y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return [float(v) for v in w.detach()]
+    return [float(v) for v in weights(w.detach())]
 
 
 def write_fusion(out_dir: Path, weights: list[float]) -> None:

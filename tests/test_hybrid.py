@@ -102,6 +102,25 @@ def test_fit_fusion_weighs_the_text_by_how_much_it_knows_beside_the_tables():
     assert bce(fused, labels) < bce(cf, labels) - 0.02  # better than the tables alone on these rows
 
 
+def test_fit_fusion_leaves_the_known_items_calibration_to_the_tables():
+    # held-out rows whose base rate is far above what the tables say (a small round's noise, or a drifting week): a
+    # free bias would follow it and shift the whole period; tied, the text term moves known items' mean logit by
+    # nothing, and the unknown-item weight may still learn the new items' offset
+    g = torch.Generator().manual_seed(2)
+    n = 400
+    unknown = (torch.rand(n, generator=g) < 0.25).float()
+    signal = torch.randn(n, generator=g)
+    labels = (torch.rand(n, generator=g) < torch.sigmoid(2 * signal + 1.5)).float()
+    lm_logit = signal + 0.7 + torch.randn(n, generator=g)  # a text logit with a mean of its own
+    cf = torch.where(unknown == 1, torch.zeros(n), 2 * signal)
+    w = fit_fusion(lm_logit, cf, torch.zeros(n), unknown, labels, strength=0.0)
+    known = unknown == 0
+    shift = (w[0] * lm_logit + w[3])[known].mean()
+    assert abs(float(shift)) < 1e-6, (w, shift)
+    assert abs(w[0]) > 0.05, w  # the text term is used, so the tie is what keeps the shift at zero
+    assert w[2] + w[3] > 0.5, w  # unknown items: the offset the rows show is learned there
+
+
 def test_fit_fusion_moves_from_the_prior_as_far_as_the_rows_carry_it():
     g = torch.Generator().manual_seed(1)
     prior = [0.5, 0.2, -0.3, 0.0]
