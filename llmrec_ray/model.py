@@ -47,8 +47,8 @@ FUSION_FILE = "fusion.json"
 # of the log loss in a weight, the prior 2 * 5 = 10: it counts like ~300 rows. A MovieLens weekly round's ~160 rows
 # (80 validation rows + their hidden twins; unshrunk, the text weight swung between -0.9 and +1.0 from week to week)
 # move the weights a third of the way to what they alone say, a 20,000-row validation set 98% of the way. The bias
-# is not free (fit_fusion ties it): left free, 80 rows set it anywhere in -0.13..+0.27 from week to week, which cost
-# pooled AUC across weeks.
+# written is tied (fit_fusion): written as fitted, 80 rows set it anywhere in -0.13..+0.27 from week to week, which
+# cost pooled AUC across weeks.
 FUSION_PRIOR_STRENGTH = 5.0
 REQUIRED_FILES = ("config.json", "model.safetensors", CONFIG_FILE)
 HYBRID_FILES = (WEIGHTS_FILE, VOCAB_FILE, FUSION_FILE)
@@ -118,13 +118,15 @@ def fit_fusion(lm_logit, cf, cf_unknown, unknown, labels, prior: Optional[Sequen
     candidate is known, once more as if it were not (cf_unknown: the collaborative logit with the candidate's
     statistics those of an item without events -- its text vector kept --, unknown=1), so the unknown-item weights
     learn how far the text must carry an item the tables hold no event of.
-    Known items keep the tables' calibration: the bias is tied to -w_lm x the mean text logit of the held-out rows,
-    so the text term shifts their mean logit by nothing there. A free bias fitted on a weekly round's ~80 rows
-    follows their base rate (standard error ~0.3 logit), and its week-to-week moves shift whole weeks against each
-    other, which costs AUC across weeks; the tables learned their calibration from thousands of rows.
-    A Gaussian prior holds the three free numbers near `prior` (the promoted version's; None: zeros, the tables
-    alone): penalty strength * |w - prior|^2 against the summed log loss, so a round with a few hundred validation
-    rows moves them only as far as its evidence carries. All inputs: (N,) tensors."""
+    Known items keep the tables' calibration: the bias written is tied to -w_lm x the mean text logit of the held-out
+    rows, so the text term shifts their mean logit by nothing. The fit itself has a free bias (a nuisance, not
+    written): it takes up how far these rows' base rate sits from the tables' -- on a weekly round's ~80 rows, a
+    standard error of ~0.3 logit --, so that offset lands in neither the text weights nor the unknown-item weight,
+    whose offset against known items is what the rows show. Written, such a bias would shift whole periods against
+    each other (a cost in AUC across weeks); the tables learned their calibration from thousands of rows.
+    A Gaussian prior holds the three written free numbers near `prior` (the promoted version's; None: zeros, the
+    tables alone): penalty strength * |w - prior|^2 against the summed log loss, so a round with a few hundred
+    validation rows moves them only as far as its evidence carries. All inputs: (N,) tensors."""
     lm_logit, cf, cf_unknown, unknown, labels = (torch.as_tensor(t, dtype=torch.float64).reshape(-1)
                                                  for t in (lm_logit, cf, cf_unknown, unknown, labels))
     known = unknown == 0
@@ -133,22 +135,19 @@ def fit_fusion(lm_logit, cf, cf_unknown, unknown, labels, prior: Optional[Sequen
     u = torch.cat([unknown, torch.ones(int(known.sum()), dtype=torch.float64)])
     offset, y = torch.cat([cf, cf_unknown[known]]), torch.cat([labels, labels[known]])
     centre = torch.as_tensor(list(prior)[:3] if prior is not None else [0.0] * 3, dtype=torch.float64)
-    w = centre.clone().requires_grad_(True)
+    w = torch.cat([centre, torch.zeros(1, dtype=torch.float64)]).requires_grad_(True)  # + the nuisance bias
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def weights(free: torch.Tensor) -> torch.Tensor:  # (lm, lm * unknown, unknown) -> the four, bias tied
-        return torch.cat([free, -free[:1] * centre_lm])
 
     def closure():
         opt.zero_grad()
-        nll = torch.nn.functional.binary_cross_entropy_with_logits(fuse(offset, lm_all, u, weights(w)), y,
-                                                                   reduction="sum")
-        loss = (nll + strength * ((w - centre) ** 2).sum()) / len(y)
+        nll = torch.nn.functional.binary_cross_entropy_with_logits(fuse(offset, lm_all, u, w), y, reduction="sum")
+        loss = (nll + strength * ((w[:3] - centre) ** 2).sum()) / len(y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return [float(v) for v in weights(w.detach())]
+    free = w.detach()[:3]
+    return [*(float(v) for v in free), float(-free[0] * centre_lm)]
 
 
 def write_fusion(out_dir: Path, weights: list[float]) -> None:
