@@ -11,7 +11,7 @@
 Why late fusion, fitted by stacking: the collaborative part is trained on all history in seconds (items are rows,
 not (user, item) pairs through a transformer); the language model learns, with DeepSpeed, to score from text alone
 (its own BCE: what a new item needs); then the fusion weights are fitted on the round's validation rows, which
-neither part trained on (`fit_fusion`; three free, the bias tied so that known items keep the tables' calibration).
+neither part trained on (`fit_fusion`; three free, the bias written tied so that known items keep the tables' calibration).
 Each part stays usable alone -- `model.kind=text` is the cross-encoder by itself. Training the text part through
 the fused loss instead (a residual of the tables) was measured first: early stopping kept the untrained text part
 (best at step 0 in three of four runs). CoLLM-style collaborative tokens
