@@ -11,10 +11,10 @@
 Why late fusion, fitted by stacking: the collaborative part is trained on all history in seconds (items are rows,
 not (user, item) pairs through a transformer); the language model learns, with DeepSpeed, to score from text alone
 (its own BCE: what a new item needs); then the fusion weights are fitted on the round's validation rows, which
-neither part trained on (`fit_fusion`; three free, the bias written tied so that known items keep the tables' calibration).
-Each part stays usable alone -- `model.kind=text` is the cross-encoder by itself. Training the text part through
-the fused loss instead (a residual of the tables) was measured first: early stopping kept the untrained text part
-(best at step 0 in three of four runs). CoLLM-style collaborative tokens
+neither part trained on (`fit_fusion`; three free, the bias written tied so that known items keep the tables'
+calibration). Each part stays usable alone -- `model.kind=text` is the cross-encoder by itself. Training the text
+part through the fused loss instead (a residual of the tables) was measured first: early stopping kept the
+untrained text part (best at step 0 in three of four runs). CoLLM-style collaborative tokens
 (the user and item vectors mapped into the input embeddings) were measured too: at a round's 800 rows the
 cross-encoder reads them worse than the tables score alone (benchmarks/collm_probe.py). Figures: README,
 benchmarks/quality_ml100k.py, cold_items.py.
@@ -47,8 +47,8 @@ FUSION_FILE = "fusion.json"
 # of the log loss in a weight, the prior 2 * 5 = 10: it counts like ~300 rows. A MovieLens weekly round's ~160 rows
 # (80 validation rows + their hidden twins; unshrunk, the text weight swung between -0.9 and +1.0 from week to week)
 # move the weights a third of the way to what they alone say, a 20,000-row validation set 98% of the way. The bias
-# written is tied (fit_fusion): written as fitted, 80 rows set it anywhere in -0.13..+0.27 from week to week, which
-# cost pooled AUC across weeks.
+# is not written as fitted (fit_fusion ties it): fitted on 80 rows it lay anywhere in -0.13..+0.27 from week to week,
+# which cost pooled AUC across weeks.
 FUSION_PRIOR_STRENGTH = 5.0
 REQUIRED_FILES = ("config.json", "model.safetensors", CONFIG_FILE)
 HYBRID_FILES = (WEIGHTS_FILE, VOCAB_FILE, FUSION_FILE)
