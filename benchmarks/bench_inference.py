@@ -1,5 +1,6 @@
-"""CPU inference of the scorer: fp32 padded to max_seq_len (before) vs fp32 padded to each batch's longest row
-vs dynamic int8 (serve.quantize=int8), on the quality benchmark's rows.
+"""CPU inference of the scorer: fp32 padded to max_seq_len (and model.collab.history_len) vs fp32 cut to each
+batch's longest row (and longest history; model.trim_padding, what serving runs) vs dynamic int8
+(serve.quantize=int8), on the quality benchmark's rows.
 
     .venv/bin/python benchmarks/bench_inference.py [--work out/quality] [--model hybrid-1998-04-20] [--rows 1024]
 

@@ -1,10 +1,13 @@
 """The hybrid's collaborative part alone, under config variants, on the quality benchmark's test weeks.
 
-    .venv/bin/python benchmarks/collab_ablation.py [--weeks 1] "model.collab.dim=32" "model.collab.history_len=200" ...
+    .venv/bin/python benchmarks/collab_ablation.py [--weeks 1] [--validation] "model.collab.dim=32" ...
 
 Each positional argument is one variant (comma-separated `key=value` overrides; "" = the defaults). Same
 data, split and scoring as benchmarks/quality_ml100k.py (its `collab` arm): tables fitted from scratch on
 every event before the week, every row of the week scored. Prints and saves <work>/ablation.json.
+
+--validation scores the 4 weeks before the test weeks instead: the place to choose a setting, so that the
+benchmark's test weeks stay unseen by the choice.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> None:
     p.add_argument("variants", nargs="*", default=[""])
     p.add_argument("--work", default="out/quality")
     p.add_argument("--weeks", type=int, default=1, help="the first N of the benchmark's 4 test weeks")
+    p.add_argument("--validation", action="store_true",
+                   help="score the 4 weeks before the test weeks (to choose settings without seeing the test weeks)")
     args = p.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -68,7 +73,7 @@ def main() -> None:
         store = Store.from_config(cfg.store)
         keys, events, examples = prepare(cfg, store, work)  # cached per history length
         texts = candidate_texts(load_catalog(store))  # as a round reads them
-        weeks = week_bounds(keys, 4)
+        weeks = week_bounds(keys, 8 if args.validation else 4)  # with --validation: 4 validation + 4 test weeks
         ys, ps, started = [], [], time.time()
         for w in range(args.weeks):
             end = weeks[w + 1][1] if w + 1 < len(weeks) else int(events["timestamp"].max()) + 1
@@ -78,7 +83,7 @@ def main() -> None:
             ys.append(week["label"].to_numpy())
             ps.append(scorer(week))
         row = {"variant": variant or "defaults", "auc": fast_auc(np.concatenate(ys), np.concatenate(ps)),
-               "weeks": args.weeks, "seconds": time.time() - started}
+               "weeks": args.weeks, "validation": args.validation, "seconds": time.time() - started}
         out.append(row)
         print(f"{row['variant']:<50} AUC {row['auc']:.4f}  ({row['seconds']:.0f} s)", flush=True)
     (work / "ablation.json").write_text(json.dumps(out, indent=2))

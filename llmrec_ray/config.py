@@ -103,7 +103,10 @@ class LoraConfig(_Section):
 class CollabConfig(_Section):
     """The collaborative part of the hybrid scorer (llmrec_ray/collab.py): item tables + history-read user side."""
     dim: int = Field(16, ge=1)  # item embedding size
-    history_len: int = Field(50, ge=0)  # history items it reads (ids, ratings): longer than the text's, it is cheap
+    # history items it reads (ids, ratings): longer than the text's, it is cheap. 100, chosen on the 4 weeks before the
+    # quality benchmark's test weeks (benchmarks/collab_ablation.py --validation): 50 / 100 / 150 / 200 gave AUC
+    # 0.7725 / 0.7766 / 0.7773 / 0.7778, 200 at 2.6x the fit time of 100. Requests may carry serve.max_history items
+    history_len: int = Field(100, ge=0)
     neighbours: int = Field(100, ge=0)  # item-item neighbours kept per item for the neighbour terms; 0 = none
     epochs: int = Field(6, ge=1)  # at most this many passes over all history per round (warm-started tables)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # the latest rows choose the number of epochs (early stopping)
@@ -207,7 +210,7 @@ class ServeConfig(_Section):
     shortlist_widen: int = Field(10, ge=1)
     max_pool: int = Field(5000, ge=1)  # /v1/recommend: items scored per request (the pool after exclusions; MovieLens-100K has 1,682)
     max_request_tokens: int = Field(640_000, ge=1)  # per request: candidates x the served model's max_seq_len (its compute)
-    max_history: int = Field(50, ge=0)
+    max_history: int = Field(100, ge=0)  # history items per request: at least model.collab.history_len, which reads them
     max_text_chars: int = Field(2000, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1)  # checked on the raw body, before JSON parsing
     max_json_depth: int = Field(32, ge=2)  # nesting of [ and { in a body, checked before parsing (requests need 4)

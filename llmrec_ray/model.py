@@ -390,10 +390,15 @@ def read_fusion(model_dir: str | Path) -> list[float]:
 
 
 def trim_padding(enc: dict) -> dict:
-    """Token arrays cut to the batch's longest row (tokenize_pairs pads to max_seq_len). Padded positions are
-    masked out, so the scores do not change; the forward costs what the batch's real tokens need."""
-    longest = max(1, int(enc["attention_mask"].sum(axis=1).max())) if len(enc["attention_mask"]) else 1
-    return {k: (v[:, :longest] if k in TOKEN_KEYS else v) for k, v in enc.items()}
+    """Token arrays cut to the batch's longest row (tokenize_pairs pads to max_seq_len), and the history arrays to
+    the batch's longest history (history_arrays pads to model.collab.history_len, on the right). Padded positions are
+    masked out, so the scores do not change; the forward costs what the batch's real tokens and history items need."""
+    def longest(mask: np.ndarray) -> int:
+        return max(1, int(mask.sum(axis=1).max())) if len(mask) else 1
+
+    tokens = longest(enc["attention_mask"])
+    history = longest(enc["hist_present"]) if "hist_present" in enc else 0
+    return {k: (v[:, :tokens] if k in TOKEN_KEYS else v[:, :history] if k in HIST_KEYS else v) for k, v in enc.items()}
 
 
 def quantize_int8(model: HybridScorer) -> HybridScorer:

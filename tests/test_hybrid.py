@@ -228,7 +228,9 @@ def test_padding_trimmed_to_the_longest_row_changes_no_score(cfg):
     enc = encode_inputs(tokenizer, model.vocab, cfg, CANDS[:2], ["a", "b"], ["1", "9"], [["2"], []], [[5.0], []])
     trimmed = trim_padding(enc)
     assert trimmed["input_ids"].shape[1] < enc["input_ids"].shape[1] == cfg.model.max_seq_len  # short rows: cut
-    assert trimmed["hist_rows"].shape == enc["hist_rows"].shape  # only the token arrays
+    assert enc["hist_rows"].shape[1] == cfg.model.collab.history_len == 3
+    assert all(trimmed[k].shape == (2, 1) for k in HIST_KEYS)  # the longest history: one item
+    assert trim_padding({**enc, "hist_present": np.zeros_like(enc["hist_present"])})["hist_rows"].shape == (2, 1)
     with torch.inference_mode():
         full = torch.sigmoid(model(**{k: torch.from_numpy(v) for k, v in enc.items()})).numpy()
     np.testing.assert_allclose(predict_probs(model, enc), full, atol=1e-6)  # predict_probs trims
@@ -321,6 +323,22 @@ def test_neighbour_terms_read_the_history_against_the_candidates_list():
     torch.testing.assert_close(g[1], torch.zeros(4))  # no history: no neighbour evidence
     assert (net.neighbour_features(torch.tensor([0]), t["hist_rows"][:1], t["hist_present"][:1], t["hist_liked"][:1],
                                    t["hist_rating"][:1], t["hist_rated"][:1]) == 0).all()  # unknown candidate
+
+
+def test_the_neighbour_lookup_finds_each_history_item_in_the_candidates_list():
+    from llmrec_ray.collab import _list_lookup
+
+    g = torch.Generator().manual_seed(0)
+    num_items, k, b, h = 40, 6, 64, 12
+    rows = torch.stack([torch.randperm(num_items, generator=g)[:k] + 1 for _ in range(b)])  # unsorted, unique
+    rows[:, -2:] = 0  # unused slots: row 0, similarity 0
+    sims = torch.rand(b, k, generator=g) * (rows > 0)
+    hist = torch.randint(0, num_items + 1, (b, h), generator=g)
+    brute = ((rows.unsqueeze(1) == hist.unsqueeze(-1)) * sims.unsqueeze(1)).sum(-1)  # every slot against every item
+    found = _list_lookup(rows, sims, hist)
+    assert int((found > 0).sum()) > b // 2  # the draw holds many hits (63), so the comparison says something
+    torch.testing.assert_close(found, brute)
+    assert _list_lookup(rows[:, :0], sims[:, :0], hist).eq(0).all()  # no list
 
 
 def test_tables_saved_before_the_neighbour_terms_load_and_score_as_before(tmp_path):
@@ -419,6 +437,8 @@ def test_tree_head_learns_from_past_statistics_only_and_travels_with_the_tables(
         linear = net.linear_logit(**{k: v for k, v in t.items()}).numpy()
     p = predict_logits(net, rows, hist)
     assert not np.allclose(p, linear)  # the head scores, not the linear sum
+    wide = history_arrays(vocab, hist_ids, hist_r, [[] for _ in cands], 12, 4.0)  # 7 more padding columns
+    np.testing.assert_allclose(predict_logits(net, rows, wide), p, atol=1e-6)  # why model.trim_padding may cut them
     from llmrec_ray.metrics import auc
 
     assert auc(labels, p) > 0.7  # the items' like rates, learned through the statistics
