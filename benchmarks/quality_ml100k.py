@@ -136,7 +136,8 @@ def classical_scorer(arm: str, train_events: pd.DataFrame, train_examples: pd.Da
                                   f["history_labels"].tolist(), c.history_len, cfg.data.like_threshold)
 
         fit_collab(net, vocab.rows(train_examples["item_id"].tolist()), hist(train_examples),
-                   train_examples["label"].to_numpy(), users=train_examples["user_id"].to_numpy(), **c.fit_kwargs())
+                   train_examples["label"].to_numpy(), users=train_examples["user_id"].to_numpy(),
+                   **c.fit_kwargs(warm=previous is not None))
         grown = add_catalog_items(net, vocab, joined, cfg.model) if joined is not None else None
         if grown is not None:
             net, vocab = grown  # hist() reads the grown vocab

@@ -535,8 +535,9 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
                head_trees: int = 400, head_leaves: int = 15, head_min_rows: int = 1000, ease_items: int = 0,
                ease_l2: float = 500.0) -> FitReport:
     """Mini-batch Adam on BCE (in place). Rows are in time order; with val_fraction > 0 the latest rows first
-    choose the number of epochs (early stopping on their loss), then the tables are fitted on every row
-    for that many epochs from the same start -- the newest rows matter most for the next period.
+    choose the number of epochs (early stopping on their loss: the first epoch that does not improve it ends the
+    choice), then the tables are fitted on every row for that many epochs from the same start -- the newest rows
+    matter most for the next period.
     users: the user of each row (any hashable ids), for the neighbour lists (net.neighbours > 0).
     head_fraction > 0: then the tree head (fit_tree_head) learns from the newest head_fraction of the rows.
     ease_items > 0 (with users): the EASE matrices of that many items (ease_weights, L2 ease_l2), read by the head."""
@@ -568,6 +569,8 @@ def fit_collab(net: CollabNet, cand_rows: np.ndarray, hist: HistoryArrays, label
                 net.eval()
                 losses.append(nn.functional.binary_cross_entropy_with_logits(net(**val), y[n - n_val:]).item())
                 net.train()
+            if len(losses) > 1 and losses[-1] >= min(losses[:-1]):
+                break  # past the best epoch: a warm start's tables are there after one (collab_ablation.py --lineage)
         chosen = int(np.argmin(losses)) + 1
         net.load_state_dict(start)
         statistics(slice(0, n), final=True)

@@ -109,7 +109,13 @@ class CollabConfig(_Section):
     history_len: int = Field(100, ge=0)
     neighbours: int = Field(100, ge=0)  # item-item neighbours kept per item for the neighbour terms; 0 = none
     epochs: int = Field(6, ge=1)  # at most this many passes over all history per round (warm-started tables)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # the latest rows choose the number of epochs (early stopping)
+    # the latest rows choose the number of epochs (early stopping: the first epoch that does not improve their loss
+    # ends the choice); 0 = always `epochs` passes
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # passes over all history when the tables warm-start from the promoted version's, without the choice above; 0 =
+    # choose as a fresh fit does. 1: on the 4 weeks before the quality benchmark's test weeks the choice picked 1 after
+    # every warm start, and 2 scored lower (collab_ablation.py --validation --lineage)
+    warm_epochs: int = Field(1, ge=0)
     lr: float = Field(0.02, gt=0.0)
     l2: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(4096, ge=1)
@@ -131,10 +137,11 @@ class CollabConfig(_Section):
     ease_items: int = Field(2000, ge=0)
     ease_l2: float = Field(500.0, gt=0.0)
 
-    def fit_kwargs(self) -> dict:
-        """The keyword arguments of collab.fit_collab this section sets."""
-        return dict(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, l2=self.l2,
-                    val_fraction=self.val_fraction, head_fraction=self.head_fraction, head_trees=self.head_trees,
+    def fit_kwargs(self, warm: bool = False) -> dict:
+        """The keyword arguments of collab.fit_collab this section sets; warm: the tables start from fitted ones."""
+        epochs, val_fraction = (self.warm_epochs, 0.0) if warm and self.warm_epochs else (self.epochs, self.val_fraction)
+        return dict(epochs=epochs, batch_size=self.batch_size, lr=self.lr, l2=self.l2,
+                    val_fraction=val_fraction, head_fraction=self.head_fraction, head_trees=self.head_trees,
                     head_leaves=self.head_leaves, head_min_rows=self.head_min_rows, ease_items=self.ease_items,
                     ease_l2=self.ease_l2)
 

@@ -85,7 +85,7 @@ def fit_round_collab(cfg: Config, store, history_keys: list[str], init_model_uri
                           frame["history_labels"].tolist(), max(1, cfg.model.collab.history_len), cfg.data.like_threshold)
     c = cfg.model.collab
     fit = fit_collab(net, vocab.rows(frame["item_id"].tolist()), hist, frame["label"].to_numpy(), seed=cfg.train.seed,
-                     users=frame["user_id"].to_numpy(), **c.fit_kwargs())
+                     users=frame["user_id"].to_numpy(), **c.fit_kwargs(warm=previous is not None))
     out = Path(tempfile.mkdtemp(prefix="llmrec-collab-"))
     save_collab(net, vocab, out)
     key = f"ray-train/{run_name}/collab"
@@ -107,13 +107,16 @@ def train_candidate(cfg: Config, store, targets: list[str], older: list[str], re
     stage = (fit_round_collab(cfg, store, older + targets, init_model_uri, run_name, catalog_version)
              if cfg.model.kind == "hybrid" else None)
     try:
+        started = time.time()
         ds = ingest.build_examples(cfg, store, targets, history_keys=older, replay_keys=replay,
                                    max_rows=max_rows if max_rows is not None else cfg.data.max_rows_per_round,
                                    catalog_version=catalog_version)
         tokens = ingest.tokenize(ds, cfg, model_source(cfg.model), stage.vocab if stage else None)
-        train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)
+        train_ds, val_ds = ingest.split_by_time(tokens, cfg.data.val_fraction)  # runs the pipeline
+        data_seconds = time.time() - started
         result = run_training(cfg, train_ds, val_ds, init_model_uri, run_name, store,
                               collab_uri=stage.uri if stage else None, extra_metrics=stage.report if stage else None)
+        result.metrics["data_seconds"] = data_seconds
     finally:  # the staged tables (inside the run's storage unless ray.storage_uri puts that elsewhere)
         if stage:
             store.delete_prefix(key_in(store, stage.uri))
@@ -196,7 +199,9 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds, "val": val_ds},
     )
+    started = time.time()
     result = trainer.fit()
+    trainer_seconds = time.time() - started
     if result.error is not None:
         raise RuntimeError(f"training run {run_name} failed: {result.error}") from result.error
     export_dir = Path(tempfile.mkdtemp(prefix=f"llmrec-{run_name}-"))
@@ -204,6 +209,6 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
         shutil.copytree(Path(d) / "model", export_dir / "model")
     delete_run_storage(result)  # the export above is all a round keeps
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))}
-    metrics["num_train_rows"] = num_train_rows
+    metrics.update(num_train_rows=num_train_rows, trainer_seconds=trainer_seconds, export_seconds=time.time() - started - trainer_seconds)
     metrics.update(extra_metrics or {})
     return TrainResult(export_dir / "model", metrics, scratch=export_dir)

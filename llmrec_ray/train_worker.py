@@ -242,7 +242,9 @@ def train_func(config: dict) -> None:
     work_dir = Path(tempfile.mkdtemp(prefix=prefix))
     remove_stale_scratch(work_dir, prefix)
     try:
-        run_worker(WorkerRound(config, work_dir), config)
+        started = time.time()
+        worker = WorkerRound(config, work_dir)
+        run_worker(worker, config, setup_seconds=time.time() - started)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -260,11 +262,14 @@ def remove_stale_scratch(work_dir: Path, prefix: str) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def run_worker(worker: WorkerRound, config: dict) -> None:
+def run_worker(worker: WorkerRound, config: dict, setup_seconds: float = 0.0) -> None:
+    """setup_seconds: how long building `worker` took (loading the start model, the DeepSpeed engine)."""
+    started = time.time()
     resumed = worker.restore()
     resumed_at_step = worker.state["step"] if resumed else None
     if not resumed:
         worker.validate_and_report()  # step 0: the starting model is the first "best"
+    first_eval_seconds = time.time() - started
     started = time.time()
     step_seconds = worker.fit(config.get("on_step"))
     # Final report: the summary metrics + the best model export (rank 0), so Result has both.
@@ -274,7 +279,8 @@ def run_worker(worker: WorkerRound, config: dict) -> None:
         shutil.copytree(worker.work_dir / "best-model", final_dir / "model")
     state = worker.state
     summary = {"steps": state["step"], "best_val_loss": state["best_val_loss"], "first_val_loss": state["first_val_loss"],
-               "train_seconds": time.time() - started, "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
+               "train_seconds": time.time() - started, "setup_seconds": setup_seconds,
+               "first_eval_seconds": first_eval_seconds, "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
                "early_stopped": state["bad_evals"] >= worker.cfg.train.patience, "lr": worker.lr, "final": True,
                "resumed": resumed, "resumed_at_step": resumed_at_step}
     ray.train.report(summary, checkpoint=Checkpoint.from_directory(str(final_dir)))

@@ -201,6 +201,32 @@ def test_collab_learns_taste_from_history_that_popularity_cannot(tmp_path):
     np.testing.assert_allclose(predict_logits(net2, vocab2.rows(cands), hist), p, atol=1e-6)
 
 
+def test_the_epoch_choice_stops_at_the_first_epoch_that_does_not_improve(monkeypatch):
+    # labels are noise: the held-out loss stops improving within a few of the 30 allowed epochs. The choice must
+    # stop there (not run all 30) and refit on every row for the best count, which is the epoch before the stop.
+    import llmrec_ray.collab as collab
+
+    rng = np.random.default_rng(0)
+    items = [f"i{k}" for k in range(20)]
+    cands = list(rng.choice(items, 3000))
+    hist = history_arrays(ItemVocab(items), [list(rng.choice(items, 3)) for _ in cands], [[4.0, 2.0, 5.0]] * len(cands),
+                          [[np.nan] * 3] * len(cands), 3, 4.0)
+    consumed, real_epochs = [], collab._epochs
+
+    def counting(*args, **kwargs):
+        consumed.append(0)
+        for loss in real_epochs(*args, **kwargs):
+            consumed[-1] += 1
+            yield loss
+
+    monkeypatch.setattr(collab, "_epochs", counting)
+    net = CollabNet(len(items), 8)
+    report = fit_collab(net, ItemVocab(items).rows(cands), hist, rng.integers(0, 2, len(cands)).astype(float), epochs=30,
+                        batch_size=128, lr=0.05, val_fraction=0.2)
+    assert len(consumed) == 2  # the choice, then the refit
+    assert consumed[0] < 30 and report.epochs == consumed[0] - 1 and consumed[1] == report.epochs
+
+
 def test_bad_hybrid_exports_are_refused(cfg, tmp_path):
     model, tokenizer = _hybrid(cfg)
     good = save_export(model, tokenizer, cfg, tmp_path / "good")
@@ -728,3 +754,30 @@ def test_ease_terms_read_the_history_through_the_matrices():
     torch.testing.assert_close(x[:, -NUM_EASE_FEATURES:], f)
     assert HEAD_FEATURES[-NUM_EASE_FEATURES:] == ("ease_score", "ease_signed", "ease_liked_minus_disliked")
     assert (CollabNet(4, 4).ease_features(torch.tensor([1, 2]), **{k: v[:2] for k, v in t.items()}) == 0).all()
+
+
+def test_a_warm_started_round_fits_the_tables_in_model_collab_warm_epochs(tmp_path):
+    # the second round starts from the first round's tables: model.collab.warm_epochs (1) passes over all history; a
+    # fresh fit makes model.collab.epochs passes (here without the choice on the newest rows: val_fraction 0), and so
+    # does a warm one with warm_epochs=0
+    from llmrec_ray.datasets.synth import generate_synth
+    from llmrec_ray.ledger import Ledger
+    from llmrec_ray.store import Store
+    from llmrec_ray.train import fit_round_collab
+
+    small = ["synth.num_users=40", "synth.num_items=30", "synth.num_events=1600", "synth.num_periods=3",
+             "model.backbone=tiny", "model.max_seq_len=24", "model.collab.history_len=5", "model.collab.epochs=4",
+             "model.collab.val_fraction=0", f"store.uri={tmp_path / 'store'}"]
+    cfg = load_config(None, small)
+    store = Store.from_config(cfg.store)
+    generate_synth(cfg, store, progress=False)
+    ledger = Ledger(store)
+    ledger.refresh()
+    keys = [s.key for s in ledger.shards()]
+    assert len(keys) == 3
+    first = fit_round_collab(cfg, store, keys[:2], None, "r1")
+    assert not first.report["collab_warm_start"] and first.report["collab_epochs"] == 4
+    second = fit_round_collab(cfg, store, keys, first.uri, "r2")
+    assert second.report["collab_warm_start"] and second.report["collab_epochs"] == 1
+    third = fit_round_collab(load_config(None, [*small, "model.collab.warm_epochs=0"]), store, keys, first.uri, "r3")
+    assert third.report["collab_warm_start"] and third.report["collab_epochs"] == 4

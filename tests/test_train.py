@@ -131,6 +131,9 @@ def test_first_round_learns(rounds):
     m = rounds["first"].metrics
     assert m["best_val_loss"] < 0.8 * m["first_val_loss"], m
     assert m["steps"] > 0 and m["samples_per_s_per_worker"] > 0
+    # where the round's time went: building the worker, the step-0 validation, the loop, all inside the trainer's run
+    assert m["setup_seconds"] > 0 and m["first_eval_seconds"] > 0 and m["export_seconds"] >= 0
+    assert m["setup_seconds"] + m["first_eval_seconds"] + m["train_seconds"] < m["trainer_seconds"]
 
 
 def test_workers_remove_their_scratch_folders(rounds):
