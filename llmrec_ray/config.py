@@ -108,7 +108,7 @@ class CollabConfig(_Section):
     # 0.7725 / 0.7766 / 0.7773 / 0.7778, 200 at 2.6x the fit time of 100. Requests may carry serve.max_history items
     history_len: int = Field(100, ge=0)
     neighbours: int = Field(100, ge=0)  # item-item neighbours kept per item for the neighbour terms; 0 = none
-    epochs: int = Field(6, ge=1)  # at most this many passes over all history per round (warm-started tables)
+    epochs: int = Field(6, ge=1)  # at most this many passes over all history when the tables start fresh
     # the latest rows choose the number of epochs (early stopping: the first epoch that does not improve their loss
     # ends the choice); 0 = always `epochs` passes
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
