@@ -209,6 +209,7 @@ def run_training(cfg: Config, train_ds, val_ds, init_model_uri: Optional[str], r
         shutil.copytree(Path(d) / "model", export_dir / "model")
     delete_run_storage(result)  # the export above is all a round keeps
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, bool, str))}
-    metrics.update(num_train_rows=num_train_rows, trainer_seconds=trainer_seconds, export_seconds=time.time() - started - trainer_seconds)
+    metrics.update(num_train_rows=num_train_rows, trainer_seconds=trainer_seconds,
+                   export_seconds=time.time() - started - trainer_seconds)
     metrics.update(extra_metrics or {})
     return TrainResult(export_dir / "model", metrics, scratch=export_dir)
