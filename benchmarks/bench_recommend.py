@@ -6,7 +6,8 @@ serve.quantize vary.
     .venv/bin/python benchmarks/bench_recommend.py [--store llmrec-store] [--rerank 100,50,20] [--quantize none,onnx-int8]
 
 Requests are real: --users users of the store's newest weekly shard, each with every rating they gave before their
-first event of that week (most recent first, at most serve.max_history), `"pool": "all"`, `exclude_history`, k=10.
+first event of that week (most recent first, at most --max-history, default serve.max_history), `"pool": "all"`,
+`exclude_history`, k=10.
 Per setting, Serve is redeployed (a private local Ray on 127.0.0.1, 1 Scorer replica of 1 CPU, the promoted version
 of --store with the config it was trained with plus the setting), answers one warm-up request, then every user's
 request in turn (concurrency 1), --repeats times: p50 / p99 / max of the wall time per request. The exhaustive
@@ -105,6 +106,8 @@ def main() -> int:
     p.add_argument("--exhaustive-users", type=int, default=6, help="users asked exhaustively (0: no overlap@10)")
     p.add_argument("--cpus-per-replica", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-history", type=int, default=None,
+                   help="past ratings per request, at most (default: the version's serve.max_history)")
     args = p.parse_args()
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,13 +130,14 @@ def main() -> int:
     trained = yaml.safe_load(store.read_bytes(f"{model_prefix(version)}/llmrec_config.yaml"))
     trained["store"] = store_cfg.to_dict()["store"]
     cfg = config_from_dict(trained)
-    bodies = user_requests(store, args.users, cfg.serve.max_history, args.seed)
+    max_history = cfg.serve.max_history if args.max_history is None else min(args.max_history, cfg.serve.max_history)
+    bodies = user_requests(store, args.users, max_history, args.seed)
     print(f"version {version} of {args.store}; {len(bodies)} users of the newest week, "
           f"history {np.mean([len(b['history']) for b in bodies]):.0f} ratings on average", flush=True)
 
     url = start_ray_serve(free_port(), args.cpus_per_replica + 1, "llmrec-brec-")
     cache_path = OUT_DIR / "recommend-exhaustive.json"
-    cache_key = f"{Path(args.store).resolve()}|{version}|seed={args.seed}|users={len(bodies)}"
+    cache_key = f"{Path(args.store).resolve()}|{version}|seed={args.seed}|users={len(bodies)}|history={max_history}"
     cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     exhaustive = {int(k): v for k, v in cached.get(cache_key, {}).items()}
     rows = []
@@ -173,7 +177,8 @@ def main() -> int:
 
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     meta = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "store": args.store,
-            "version": version, "users": len(bodies), "repeats": args.repeats, "cpus": os.cpu_count()}
+            "version": version, "users": len(bodies), "max_history": max_history, "repeats": args.repeats,
+            "cpus": os.cpu_count()}
     (OUT_DIR / f"recommend-{args.cpus_per_replica}cpu.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     lines = ["| quantize | rerank_n | CPUs | requests | p50 ms | p99 ms | max ms | overlap@10 with exhaustive | load avg |",
              "|---|---|---|---|---|---|---|---|---|"]
