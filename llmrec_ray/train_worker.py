@@ -131,6 +131,7 @@ class WorkerRound:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=deepspeed_config(cfg, self.lr, self.num_steps))
         self.state = {"step": 0, "best_val_loss": math.inf, "first_val_loss": None, "bad_evals": 0, "samples": 0}
+        self.seconds = {"val": 0.0, "checkpoint": 0.0}  # this worker's time in validation passes / in checkpoints
         self.train_shard, self.val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
 
@@ -171,13 +172,17 @@ class WorkerRound:
     def validate_and_report(self) -> bool:
         """Validate; report (with a checkpoint when better). Returns True when training should stop."""
         state = self.state
+        started = time.time()
         val_loss = self.validation_loss()
+        self.seconds["val"] += time.time() - started
         if state["first_val_loss"] is None:
             state["first_val_loss"] = val_loss
         improved = val_loss < state["best_val_loss"] - 1e-6
         state["best_val_loss"], state["bad_evals"] = (val_loss, 0) if improved else (state["best_val_loss"], state["bad_evals"] + 1)
         metrics = {"step": state["step"], "val_loss": val_loss, **{k: state[k] for k in ("best_val_loss", "first_val_loss")}}
+        started = time.time()  # writing the checkpoint, and Ray Train copying it to the run's storage
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(self.save_best())) if improved else None)
+        self.seconds["checkpoint"] += time.time() - started
         return not math.isfinite(val_loss) or state["bad_evals"] >= self.cfg.train.patience
 
     def save_best(self) -> Path:
@@ -280,7 +285,8 @@ def run_worker(worker: WorkerRound, config: dict, setup_seconds: float = 0.0) ->
     state = worker.state
     summary = {"steps": state["step"], "best_val_loss": state["best_val_loss"], "first_val_loss": state["first_val_loss"],
                "train_seconds": time.time() - started, "setup_seconds": setup_seconds,
-               "first_eval_seconds": first_eval_seconds, "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
+               "first_eval_seconds": first_eval_seconds, "val_seconds": worker.seconds["val"],
+               "checkpoint_seconds": worker.seconds["checkpoint"], "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
                "early_stopped": state["bad_evals"] >= worker.cfg.train.patience, "lr": worker.lr, "final": True,
                "resumed": resumed, "resumed_at_step": resumed_at_step}
     ray.train.report(summary, checkpoint=Checkpoint.from_directory(str(final_dir)))

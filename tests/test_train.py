@@ -134,6 +134,9 @@ def test_first_round_learns(rounds):
     # where the round's time went: building the worker, the step-0 validation, the loop, all inside the trainer's run
     assert m["setup_seconds"] > 0 and m["first_eval_seconds"] > 0 and m["export_seconds"] >= 0
     assert m["setup_seconds"] + m["first_eval_seconds"] + m["train_seconds"] < m["trainer_seconds"]
+    # the validation passes (step 0 and after the loop's steps) and the improved checkpoints, inside the two above
+    assert 0 < m["val_seconds"] < m["first_eval_seconds"] + m["train_seconds"]
+    assert 0 < m["checkpoint_seconds"] < m["first_eval_seconds"] + m["train_seconds"] - m["val_seconds"]
 
 
 def test_workers_remove_their_scratch_folders(rounds):
