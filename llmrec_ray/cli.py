@@ -193,7 +193,8 @@ def _error(exc: Exception, cfg: Optional[Config], log_path: Optional[Path]) -> t
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Errors print one line, "llmrec: error: <problem>: <fix>", and exit non-zero (see _error); -v/--verbose adds
-    the traceback. A command that starts Ray keeps the terminal for its own lines unless -v (llmrec_ray.runtime)."""
+    the traceback. Ctrl-C prints one line too: "serve: stopped" (exit 0; on a cluster the app keeps running), else
+    "llmrec: interrupted" (exit 130). A command that starts Ray keeps the terminal for its own lines unless -v (llmrec_ray.runtime)."""
     args = build_parser().parse_args(argv)
     cfg, command = None, (args.data_command if args.command == "data" else args.command)
     args.log_path = None if args.verbose or command not in RAY_COMMANDS else \
@@ -206,6 +207,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             return COMMANDS[args.command](args, cfg)
         with quiet_output(args.log_path):
             return COMMANDS[args.command](args, cfg)
+    except KeyboardInterrupt:  # Ctrl-C: how `llmrec serve` is meant to stop; quiet_output has shut a local Ray down
+        if args.command == "serve":  # a local Ray goes with this process; a cluster's Serve keeps the app running
+            address = ray_address(cfg) if cfg is not None else None
+            print("serve: stopped" if address is None else
+                  f"serve: detached; the app keeps running on the Ray cluster at {address} (`serve shutdown` stops it)")
+            return 0
+        print("llmrec: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except Exception as exc:
         message, code = _error(exc, cfg, args.log_path)
         if args.verbose:

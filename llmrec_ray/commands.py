@@ -159,6 +159,10 @@ def cmd_models(args, cfg: Config) -> int:
 def cmd_serve(args, cfg: Config) -> int:
     from llmrec_ray.serve import run_serve  # on use: see the note above
 
+    store = Store.from_config(cfg.store)
+    if Registry(store).promoted_version() is None:  # else Serve retries replicas that never turn healthy, then fails
+        raise RegistryError(f"nothing to serve: {store.uri} has no promoted model; train and promote one first "
+                            f"(`llmrec round --store {store.uri}`, or `llmrec demo`)")
     ensure_ray(cfg, args.log_path)
     run_serve(cfg, blocking=True)
     return 0

@@ -210,6 +210,32 @@ def test_unexpected_errors_are_one_line_too(tmp_path, monkeypatch, capsys):
     assert "KeyError" in line and "boom" in line and "-v" in line
 
 
+def test_ctrl_c_is_one_line(tmp_path, monkeypatch, capsys):
+    def interrupted(args, cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "models", interrupted)
+    monkeypatch.setitem(cli.COMMANDS, "serve", interrupted)
+    assert main(["models", "list", "--store", str(tmp_path)]) == 130
+    out = capsys.readouterr()
+    assert out.err == "llmrec: interrupted\n" and out.out == ""  # no traceback
+    assert main(["serve", "--store", str(tmp_path)]) == 0  # how `llmrec serve` is meant to stop
+    out = capsys.readouterr()
+    assert out.out.strip() == "serve: stopped" and out.err == ""
+    assert main(["serve", "--store", str(tmp_path), "--set", "ray.address=ray://10.0.0.1:10001"]) == 0
+    assert "keeps running on the Ray cluster at ray://10.0.0.1:10001" in capsys.readouterr().out
+
+
+def test_serve_without_a_promoted_model_fails_before_ray(tmp_path, no_ray, capsys):
+    # else Ray starts, Serve retries replicas that can never turn healthy, and reports "Deploying application failed"
+    store = tmp_path / "store"
+    assert main(["data", "import", "movielens", "--store", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["serve", "--store", str(store)]) == 3
+    line = _one_error_line(capsys)
+    assert "nothing to serve" in line and "no promoted model" in line and "llmrec round" in line and not no_ray
+
+
 def test_console_error_is_one_line_and_quick(tmp_path):
     """The real command in a fresh process: one line, exit 3, no Ray (a local Ray alone takes 3-5 s to start)."""
     missing = tmp_path / "nope"

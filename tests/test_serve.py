@@ -1068,3 +1068,54 @@ def test_model_info_never_pairs_a_served_version_with_its_own_refused_load(tmp_p
     assert not errors and reads[0] > 100, (errors, reads)
     assert reloader.info()["failed_loads"] == 2000 and reloader.info()["last_load_error"] is None
     assert not seen, f"{len(seen)} torn reads (a version beside its own refused load or another lineage), e.g. {seen[0]}"
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_llmrec_serve_in_one_line_and_frees_the_port(tmp_path):
+    """The real command in its own process (its own local Ray): up, answering; SIGINT, as Ctrl-C sends it; exit 0 with
+    one line and no traceback, and nothing listening on the port afterwards (the local Ray and Serve went with it)."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from llmrec_ray.config import config_from_dict
+    from llmrec_ray.store import Store
+
+    port = free_port()
+    cfg = config_from_dict({"store": {"uri": f"file://{tmp_path / 'store'}"}, "model": {"backbone": "tiny", "max_seq_len": 32}})
+    store = Store.from_config(cfg.store)
+    _write_catalog(store)
+    _write_export(store, cfg, "v0001", 0.0, tmp_path)
+    _promote(store, "v0001", ["v0001"])
+    ray_tmp = tempfile.mkdtemp(prefix="llmrec-sigint-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llmrec_ray.cli", "serve", "--store", str(tmp_path / "store"),
+                                 "--set", f"serve.port={port}", "--set", "serve.host=127.0.0.1",
+                                 "--set", "serve.num_cpus_per_replica=0.5"],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                env=dict(os.environ, RAY_TMPDIR=ray_tmp), start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=5).json().get("version") == "v0001":
+                    break
+            except (requests.RequestException, ValueError):  # not up yet: refused, or the proxy waits for the app
+                pass
+            time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "serve: stopped" in text and "Traceback" not in text, text[-3000:]
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0  # refused: the HTTP proxy is gone
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
