@@ -4,7 +4,8 @@ Layout, per version:
   registry/versions/<vNNNN>/claim.json    written first, create-if-absent: whoever writes it owns the name
   registry/versions/<vNNNN>/model/        the export directory, uploaded only by the name's owner
   registry/versions/<vNNNN>/version.json  written last; a version exists for readers once this exists. Its
-                                         model_sha256 (of the model files) keys local caches by content
+                                         model_sha256 (of the model files) keys local caches by content, and
+                                         every download is checked against it (download_model)
 and the pointer registry/promoted.json = {"version", "model_prefix", "history", "updated_at", "log"}, written only
 by compare-and-swap. A round promotes with `expected_parent`: the swap succeeds only while the promoted version is
 still the one the round trained from, so of two rounds racing from the same parent exactly one promotes.
@@ -117,6 +118,20 @@ class Registry:
         p = self.promoted()
         return self.store.key_uri(p.value["model_prefix"]) if p else None
 
+    def download_model(self, version: str, local_dir: str | Path, prefix: Optional[str] = None) -> None:
+        """The version's model files into local_dir, checked against the model_sha256 recorded at registration (versions
+        are never rewritten after it): RegistryError when they differ, e.g. a file damaged or replaced in the store,
+        which could otherwise load and serve wrong scores. prefix: where the pointer says the files are."""
+        prefix = prefix or model_prefix(version)
+        info = self.store.read_json(version_key(version)).value or {}
+        self.store.download_dir(prefix, local_dir)
+        expected = info.get("model_sha256")  # None: a version registered before the checksum was recorded
+        if expected and dir_sha256(local_dir) != expected:
+            raise RegistryError(f"{version}: the model files under {self.store.key_uri(prefix)} do not match the checksum "
+                                "recorded when it was registered (model_sha256): the stored copy is damaged or was "
+                                "changed; promote another version (`llmrec models rollback` or `llmrec models promote "
+                                "vNNNN`)")
+
     def _names(self, *files: str) -> list[str]:
         """Version names that hold any of `files` directly under registry/versions/<name>/, sorted."""
         names = {k[len(PREFIX) + 1:].split("/")[0] for k in self.store.list(PREFIX)
@@ -171,7 +186,11 @@ class Registry:
                 if stale != dst:
                     shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(dir=cache_dir))
-            self.store.download_dir(model_prefix(version), tmp)
+            try:
+                self.download_model(version, tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(dst, ignore_errors=True)
             try:
                 tmp.rename(dst)
@@ -230,7 +249,7 @@ class Registry:
         from llmrec_ray.model import load_export  # here: torch + transformers cost seconds; nothing else needs them
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.store.download_dir(model_prefix(version), tmp)
+            self.download_model(version, tmp)
             load_export(tmp)
 
     def promote(self, version: str, expected_etag: Optional[str] = None, *, expected_parent: Any = ANY_PARENT,

@@ -271,3 +271,32 @@ def test_model_cache_is_keyed_by_content(store_cfg, tmp_path):
         assert Registry(again).show("v0001")["model_sha256"] == dir_sha256(exports[1])
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def test_damaged_model_files_are_refused_by_their_checksum(store_cfg, tiny_export, tmp_path):
+    """A version's files never change after registration. One changed in the store afterwards (here config.json with
+    a key added: it still loads, so without the check it would be served) is refused wherever a version is
+    downloaded (the round's promoted model, the promotion check, a Serve replica), naming the version and the fix."""
+    import shutil
+
+    from llmrec_ray.serve.inference import load_version
+
+    store = Store.from_config(store_cfg)
+    reg = Registry(store)
+    v = reg.create_version(tiny_export, parent=None, shards=["s1"])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    assert (reg.model_dir(v, cache) / "config.json").is_file()  # intact: downloaded and matching
+    key = f"{model_prefix(v)}/config.json"
+    edited = {**json.loads(store.read_bytes(key)), "edited_after_registration": True}
+    store.write_bytes(key, json.dumps(edited).encode())
+    shutil.rmtree(cache)
+    cache.mkdir()
+    with pytest.raises(RegistryError, match=rf"{v}: the model files under .* do not match the checksum .*llmrec models rollback"):
+        reg.model_dir(v, cache)
+    assert list(cache.iterdir()) == []  # nothing half-downloaded left as a cache entry
+    with pytest.raises(RegistryError, match="do not match the checksum"):
+        reg.check_loadable(v)  # so it cannot be promoted either
+    with pytest.raises(RegistryError, match="do not match the checksum"):
+        load_version(store, model_prefix(v), v, tmp_path / "serve", registry=reg)
+    assert load_version(store, model_prefix(v), v, tmp_path / "unchecked").version == v  # what the check prevents

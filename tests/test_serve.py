@@ -1025,7 +1025,7 @@ def test_model_info_never_pairs_a_served_version_with_its_own_refused_load(tmp_p
 
     broken: set[str] = set()
 
-    def load_version(store, prefix, version, cache_root, quantize="none"):
+    def load_version(store, prefix, version, cache_root, quantize="none", registry=None):
         if version in broken:
             raise ValueError(f"model export {version} cannot be loaded: broken")
         return SimpleNamespace(version=version, index=None, model=SimpleNamespace(is_hybrid=False))

@@ -37,8 +37,9 @@ class Loaded:
     index: Any = None  # this version's llmrec_ray.retrieval.ItemIndex (item_index.npz in its folder), or None
 
 
-def load_version(store, prefix: str, version: str, cache_root: Path, quantize: str = "none") -> Loaded:
-    """Download + load one export fully into cache_root/<version>. Raises on any problem.
+def load_version(store, prefix: str, version: str, cache_root: Path, quantize: str = "none", registry=None) -> Loaded:
+    """Download + load one export fully into cache_root/<version>. Raises on any problem. registry: the files are
+    checked against the checksum recorded when the version was registered (Registry.download_model).
     quantize (serve.quantize), CPU inference of the text part: "int8" its Linear layers as torch dynamic int8;
     "onnx-int8" exported to ONNX and quantised (ORT dynamic int8) into cache_root/<version>/onnx, run by ONNX
     Runtime with torch's thread count (the Scorer sets it from serve.num_cpus_per_replica). The collaborative part,
@@ -49,7 +50,10 @@ def load_version(store, prefix: str, version: str, cache_root: Path, quantize: s
     local = cache_root / version
     if local.exists():
         shutil.rmtree(local, ignore_errors=True)
-    store.download_dir(prefix, local)
+    if registry is not None:
+        registry.download_model(version, local, prefix)
+    else:
+        store.download_dir(prefix, local)
     model, tokenizer, mcfg = load_export(local)
     index = None
     if (local / INDEX_FILE).is_file():  # with the model attached, so grow_index can add the catalogue's new items

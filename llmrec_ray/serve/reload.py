@@ -102,7 +102,8 @@ class Reloader:
                 return True
             t0 = time.time()
             try:
-                state = load_version(self.registry.store, prefix, version, self.cache, self.cfg.serve.quantize)
+                state = load_version(self.registry.store, prefix, version, self.cache, self.cfg.serve.quantize,
+                                     registry=self.registry)
                 warm_up(state)
             except Exception as exc:  # refused: the old model keeps serving
                 self._refuse(version, pointer, cur, exc)
