@@ -173,18 +173,20 @@ class Registry:
 
         The key is the model_sha256 recorded at registration (older versions: the etag of their version.json), never
         the name alone: a store recreated at the same path (`make clean && make demo`) has another v0001, and its
-        files must not come from the old one's cache entry. Entries of other content under the same name are removed."""
+        files must not come from the old one's cache entry. Entries of other content under the same name are removed.
+        Downloads, and the entry when it is reused, are checked against model_sha256 (download_model)."""
         v = self.store.read_json(version_key(version))
         if v.value is None:
             self.show(version)  # raises RegistryError (in progress, or no such version) unless it was written meanwhile
             v = self.store.read_json(version_key(version))
-        key = v.value.get("model_sha256") or hashlib.sha256(str(v.etag).encode()).hexdigest()
+        expected = v.value.get("model_sha256")
+        key = expected or hashlib.sha256(str(v.etag).encode()).hexdigest()
         cache_dir = Path(cache_dir)
         dst = cache_dir / f"{version}-{key[:16]}"
-        if not (dst / "config.json").is_file():
+        # a reused entry is checked too (0.1 s for a 105 MB MiniLM export): one damaged on this disk is downloaded again
+        if not (dst / "config.json").is_file() or (expected and dir_sha256(dst) != expected):
             for stale in [cache_dir / version, *cache_dir.glob(f"{version}-*")]:  # cache_dir/<version>: the old layout
-                if stale != dst:
-                    shutil.rmtree(stale, ignore_errors=True)
+                shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(dir=cache_dir))
             try:
                 self.download_model(version, tmp)

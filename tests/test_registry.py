@@ -295,6 +295,11 @@ def test_damaged_model_files_are_refused_by_their_checksum(store_cfg, tiny_expor
     with pytest.raises(RegistryError, match=rf"{v}: the model files under .* do not match the checksum .*llmrec models rollback"):
         reg.model_dir(v, cache)
     assert list(cache.iterdir()) == []  # nothing half-downloaded left as a cache entry
+    store.write_bytes(key, (tiny_export / "config.json").read_bytes())  # the store copy restored
+    entry = reg.model_dir(v, cache)
+    (entry / "config.json").write_text("{}")  # damaged on this disk after the download: downloaded again on reuse
+    assert reg.model_dir(v, cache) == entry and json.loads((entry / "config.json").read_text()) != {}
+    store.write_bytes(key, json.dumps(edited).encode())
     with pytest.raises(RegistryError, match="do not match the checksum"):
         reg.check_loadable(v)  # so it cannot be promoted either
     with pytest.raises(RegistryError, match="do not match the checksum"):
