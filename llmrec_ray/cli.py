@@ -194,7 +194,8 @@ def _error(exc: Exception, cfg: Optional[Config], log_path: Optional[Path]) -> t
 def main(argv: Optional[list[str]] = None) -> int:
     """Errors print one line, "llmrec: error: <problem>: <fix>", and exit non-zero (see _error); -v/--verbose adds
     the traceback. Ctrl-C prints one line too: "serve: stopped" (exit 0; on a cluster the app keeps running), else
-    "llmrec: interrupted" (exit 130). A command that starts Ray keeps the terminal for its own lines unless -v (llmrec_ray.runtime)."""
+    "llmrec: interrupted" (exit 130). A command that starts Ray keeps the terminal for its own lines unless -v
+    (llmrec_ray.runtime)."""
     args = build_parser().parse_args(argv)
     cfg, command = None, (args.data_command if args.command == "data" else args.command)
     args.log_path = None if args.verbose or command not in RAY_COMMANDS else \

@@ -127,10 +127,10 @@ class Registry:
         self.store.download_dir(prefix, local_dir)
         expected = info.get("model_sha256")  # None: a version registered before the checksum was recorded
         if expected and dir_sha256(local_dir) != expected:
-            raise RegistryError(f"{version}: the model files under {self.store.key_uri(prefix)} do not match the checksum "
-                                "recorded when it was registered (model_sha256): the stored copy is damaged or was "
-                                "changed; promote another version (`llmrec models rollback` or `llmrec models promote "
-                                "vNNNN`)")
+            raise RegistryError(f"{version}: the model files under {self.store.key_uri(prefix)} do not match the "
+                                "checksum recorded when it was registered (model_sha256): the stored copy is damaged or "
+                                "was changed; promote another version (`llmrec models rollback` or `llmrec models "
+                                "promote vNNNN`)")
 
     def _names(self, *files: str) -> list[str]:
         """Version names that hold any of `files` directly under registry/versions/<name>/, sorted."""

@@ -286,7 +286,8 @@ def run_worker(worker: WorkerRound, config: dict, setup_seconds: float = 0.0) ->
     summary = {"steps": state["step"], "best_val_loss": state["best_val_loss"], "first_val_loss": state["first_val_loss"],
                "train_seconds": time.time() - started, "setup_seconds": setup_seconds,
                "first_eval_seconds": first_eval_seconds, "val_seconds": worker.seconds["val"],
-               "checkpoint_seconds": worker.seconds["checkpoint"], "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
+               "checkpoint_seconds": worker.seconds["checkpoint"],
+               "samples_per_s_per_worker": state["samples"] / max(step_seconds, 1e-9),
                "early_stopped": state["bad_evals"] >= worker.cfg.train.patience, "lr": worker.lr, "final": True,
                "resumed": resumed, "resumed_at_step": resumed_at_step}
     ray.train.report(summary, checkpoint=Checkpoint.from_directory(str(final_dir)))

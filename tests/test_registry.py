@@ -292,7 +292,7 @@ def test_damaged_model_files_are_refused_by_their_checksum(store_cfg, tiny_expor
     store.write_bytes(key, json.dumps(edited).encode())
     shutil.rmtree(cache)
     cache.mkdir()
-    with pytest.raises(RegistryError, match=rf"{v}: the model files under .* do not match the checksum .*llmrec models rollback"):
+    with pytest.raises(RegistryError, match=rf"{v}: the model files under .* do not match the checksum .*models rollback"):
         reg.model_dir(v, cache)
     assert list(cache.iterdir()) == []  # nothing half-downloaded left as a cache entry
     store.write_bytes(key, (tiny_export / "config.json").read_bytes())  # the store copy restored

@@ -1086,7 +1086,8 @@ def test_ctrl_c_stops_llmrec_serve_in_one_line_and_frees_the_port(tmp_path):
     from llmrec_ray.store import Store
 
     port = free_port()
-    cfg = config_from_dict({"store": {"uri": f"file://{tmp_path / 'store'}"}, "model": {"backbone": "tiny", "max_seq_len": 32}})
+    cfg = config_from_dict({"store": {"uri": f"file://{tmp_path / 'store'}"},
+                            "model": {"backbone": "tiny", "max_seq_len": 32}})
     store = Store.from_config(cfg.store)
     _write_catalog(store)
     _write_export(store, cfg, "v0001", 0.0, tmp_path)
