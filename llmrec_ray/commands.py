@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 import time
 from typing import Callable
 
@@ -93,6 +94,9 @@ def cmd_train(args, cfg: Config) -> int:
     parent = registry.promoted_version() if args.init_from == "promoted" else None
     if args.init_from not in ("promoted", "backbone"):  # its form was checked by cli._check
         parent = registry.show(args.init_from)["version"]  # RegistryError names the known versions
+    if parent:  # checked against its recorded checksum here, before Ray: the workers download it by URI, unchecked
+        with tempfile.TemporaryDirectory(prefix="llmrec-check-") as d:
+            registry.download_model(parent, d)
     ledger = Ledger(store, cfg.data.hold_unknown_items_s)
     ledger.refresh()  # the first write: after every check
     learned = registry.trained_shards(parent)

@@ -193,6 +193,25 @@ def test_train_init_from_is_rejected_before_anything_is_written(tmp_path, no_ray
     assert list(tmp_path.iterdir()) == [] and no_ray == []  # no ledger.json
 
 
+def test_train_from_a_damaged_version_fails_before_ray(tmp_path, no_ray, capsys):
+    from llmrec_ray.config import config_from_dict
+    from llmrec_ray.model import build_model, save_export
+    from llmrec_ray.registry import Registry, model_prefix
+
+    store_dir = tmp_path / "store"
+    assert main(["data", "import", "movielens", "--store", str(store_dir)]) == 0
+    capsys.readouterr()
+    cfg = config_from_dict({"model": {"backbone": "tiny", "max_seq_len": 32}})
+    export = save_export(*build_model(cfg.model), cfg, tmp_path / "export")
+    store = Store.from_config(make_store_cfg("file", tmp_path))  # the store imported above: tmp_path / "store"
+    v = Registry(store).create_version(export, parent=None, shards=[])
+    store.write_bytes(f"{model_prefix(v)}/config.json", b"{}")  # changed after registration
+    capsys.readouterr()  # the libraries' lines while building the export
+    assert main(["train", "--store", str(store_dir), "--init-from", v]) == 3
+    line = _one_error_line(capsys)
+    assert f"{v}: the model files" in line and "do not match the checksum" in line and no_ray == []
+
+
 @pytest.mark.parametrize("argv", [["-v", "models", "list"], ["models", "list", "-v"], ["models", "list", "--verbose"]])
 def test_verbose_adds_the_traceback(argv, tmp_path, capsys):
     assert main([*argv, "--store", str(tmp_path / "missing")]) == 3
