@@ -122,10 +122,13 @@ class Registry:
         """The version's model files into local_dir, checked against the model_sha256 recorded at registration (versions
         are never rewritten after it): RegistryError when they differ, e.g. a file damaged or replaced in the store,
         which could otherwise load and serve wrong scores. prefix: where the pointer says the files are."""
-        prefix = prefix or model_prefix(version)
         info = self.store.read_json(version_key(version)).value or {}
+        self._download_checked(version, prefix or model_prefix(version), local_dir, info.get("model_sha256"))
+
+    def _download_checked(self, version: str, prefix: str, local_dir: str | Path, expected: Optional[str]) -> None:
+        """download_model with the version's recorded model_sha256 already read (None: a version registered before the
+        checksum was recorded, not checked)."""
         self.store.download_dir(prefix, local_dir)
-        expected = info.get("model_sha256")  # None: a version registered before the checksum was recorded
         if expected and dir_sha256(local_dir) != expected:
             raise RegistryError(f"{version}: the model files under {self.store.key_uri(prefix)} do not match the "
                                 "checksum recorded when it was registered (model_sha256): the stored copy is damaged or "
@@ -189,7 +192,7 @@ class Registry:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(dir=cache_dir))
             try:
-                self.download_model(version, tmp)
+                self._download_checked(version, model_prefix(version), tmp, expected)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
